@@ -1,0 +1,37 @@
+# Two commands do all set-up on a fresh machine (Python >= 3.10 with venv, no MPI needed):
+#   make demo   -> local virtual environment, install, reconstruct the built-in demo molecule
+#   make test   -> local virtual environment, install, serial tests + MPI tests on 2 ranks
+PYTHON ?= python3
+VENV   ?= .venv
+NP     ?= 2
+DEMO_ARGS ?=
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-serial test-mpi test-slow venv clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[mpi,test,bench]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/mpiexec -n $(NP) $(BIN)/spinifel-mpi demo --out demo_out $(DEMO_ARGS)
+
+test: $(STAMP)
+	$(MAKE) test-serial test-mpi
+
+test-serial: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-mpi: $(STAMP)
+	$(BIN)/mpiexec -n 2 $(BIN)/python -m pytest -q --with-mpi -m "mpi and not slow" -p no:cacheprovider
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info demo_out

@@ -1,0 +1,1 @@
+"""Geometry: quaternions, orientation grids and detector pixel positions."""
