@@ -1,0 +1,358 @@
+"""Configuration: ``defaults.toml`` -> validated, frozen dataclasses.
+
+The shipped ``defaults.toml`` is the single documented source of every key. A run config
+overrides a subset; ``--set section.key=value`` overrides are parsed with the key's own
+type; ``${VAR}`` in strings expands environment variables. Everything is parsed once in
+``main()``; an unknown key is an error naming the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+import sys
+from dataclasses import asdict, dataclass, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from spinifel.errors import ConfigError
+
+_VAR = re.compile(r"\$\{([^}]*)\}")
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}': {msg}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str
+    n_images: int
+    negative: str
+
+    def __post_init__(self) -> None:
+        _check(self.n_images >= 0, "data.n_images", f"must be >= 0, got {self.n_images}")
+        _check(self.negative in ("error", "clip"), "data.negative",
+               f"must be 'error' or 'clip', got {self.negative!r}")
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    clip: int
+    binning: int
+
+    def __post_init__(self) -> None:
+        _check(self.clip >= 0, "detector.clip", f"must be >= 0, got {self.clip}")
+        _check(0 <= self.binning <= 4, "detector.binning", f"must be in [0, 4], got {self.binning}")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    backend: str
+    nufft_backends: tuple[str, ...]
+    precision: str
+    threads_per_rank: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        _check(self.backend in ("auto", "numpy", "cupy"), "runtime.backend",
+               f"must be 'auto', 'numpy' or 'cupy', got {self.backend!r}")
+        bad = [b for b in self.nufft_backends if b not in ("finufft", "cufinufft")]
+        _check(not bad and len(self.nufft_backends) > 0, "runtime.nufft_backends",
+               f"must be a non-empty list of 'cufinufft'/'finufft', got {list(self.nufft_backends)}")
+        _check(self.precision in ("single", "double"), "runtime.precision",
+               f"must be 'single' or 'double', got {self.precision!r}")
+        _check(1 <= self.threads_per_rank <= 1024, "runtime.threads_per_rank",
+               f"must be in [1, 1024], got {self.threads_per_rank}")
+        _check(self.seed >= 0, "runtime.seed", f"must be >= 0, got {self.seed}")
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    generations: int
+    M: int
+    n_orientations: int
+    orientation_batch: int
+    image_batch: int
+    scale_per_image: bool
+    use_true_orientations: bool
+    nufft_eps_slicing: float
+    nufft_eps_merge: float
+    cg_max_iter: int
+    cg_tol: float
+    lambdas: tuple[float, ...]
+    ac_support_radius: float
+    n_phase_loops: int
+    n_er: int
+    n_hio: int
+    hio_beta: float
+    n_final_er: int
+    shrinkwrap_sigma: float
+    shrinkwrap_threshold: float
+    orientation_change_tol: float
+    density_change_tol: float
+
+    def __post_init__(self) -> None:
+        a = "algorithm."
+        _check(1 <= self.generations <= 10000, a + "generations",
+               f"must be in [1, 10000], got {self.generations}")
+        _check(self.M % 2 == 1 and 9 <= self.M <= 513, a + "M",
+               f"must be odd and in [9, 513], got {self.M}")
+        _check(10 <= self.n_orientations <= 50_000_000, a + "n_orientations",
+               f"must be in [10, 5e7], got {self.n_orientations}")
+        _check(self.orientation_batch >= 1, a + "orientation_batch",
+               f"must be >= 1, got {self.orientation_batch}")
+        _check(self.image_batch >= 1, a + "image_batch", f"must be >= 1, got {self.image_batch}")
+        for k in ("nufft_eps_slicing", "nufft_eps_merge"):
+            v = getattr(self, k)
+            _check(1e-15 <= v <= 1e-1, a + k, f"must be in [1e-15, 0.1], got {v}")
+        _check(self.cg_max_iter >= 1, a + "cg_max_iter", f"must be >= 1, got {self.cg_max_iter}")
+        _check(0 < self.cg_tol < 1, a + "cg_tol", f"must be in (0, 1), got {self.cg_tol}")
+        _check(len(self.lambdas) >= 1 and all(v > 0 and math.isfinite(v) for v in self.lambdas),
+               a + "lambdas", f"must be a non-empty list of positive numbers, got {list(self.lambdas)}")
+        _check(len(set(self.lambdas)) == len(self.lambdas), a + "lambdas",
+               f"must not repeat values, got {list(self.lambdas)}")
+        _check(0 < self.ac_support_radius <= 2.0, a + "ac_support_radius",
+               f"must be in (0, 2], got {self.ac_support_radius}")
+        for k in ("n_phase_loops", "n_er", "n_hio", "n_final_er"):
+            _check(getattr(self, k) >= 0, a + k, f"must be >= 0, got {getattr(self, k)}")
+        _check(0 < self.hio_beta <= 1.5, a + "hio_beta", f"must be in (0, 1.5], got {self.hio_beta}")
+        _check(self.shrinkwrap_sigma > 0, a + "shrinkwrap_sigma",
+               f"must be > 0, got {self.shrinkwrap_sigma}")
+        _check(0 < self.shrinkwrap_threshold < 1, a + "shrinkwrap_threshold",
+               f"must be in (0, 1), got {self.shrinkwrap_threshold}")
+        for k in ("orientation_change_tol", "density_change_tol"):
+            _check(0 <= getattr(self, k) < 1, a + k, f"must be in [0, 1), got {getattr(self, k)}")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str
+    write_every: int
+    mrc: bool
+
+    def __post_init__(self) -> None:
+        _check(self.dir != "", "output.dir", "must not be empty")
+        _check(self.write_every >= 1, "output.write_every", f"must be >= 1, got {self.write_every}")
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    enabled: bool
+    min_correlation: float
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.min_correlation <= 1, "evaluation.min_correlation",
+               f"must be in [0, 1], got {self.min_correlation}")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The fully resolved configuration of a run (one section per dataclass)."""
+
+    data: DataConfig
+    detector: DetectorConfig
+    runtime: RuntimeConfig
+    algorithm: AlgorithmConfig
+    output: OutputConfig
+    evaluation: EvaluationConfig
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for sec in d.values():
+            for k, v in sec.items():
+                if isinstance(v, tuple):
+                    sec[k] = list(v)
+        return d
+
+    def to_toml(self) -> str:
+        """The resolved configuration as TOML text (stored in results and checkpoints)."""
+        return dumps_toml(self.to_dict())
+
+
+_SECTIONS = {f.name: f.type for f in fields(Config)}
+_SECTION_CLASSES = {
+    "data": DataConfig, "detector": DetectorConfig, "runtime": RuntimeConfig,
+    "algorithm": AlgorithmConfig, "output": OutputConfig, "evaluation": EvaluationConfig,
+}
+
+
+def defaults_text() -> str:
+    """The shipped, commented ``defaults.toml``."""
+    return resources.files("spinifel").joinpath("defaults.toml").read_text(encoding="utf-8")
+
+
+def default_dict() -> dict:
+    """The defaults as a nested dict."""
+    return tomllib.loads(defaults_text())
+
+
+def _closest(key: str, options: list[str]) -> str:
+    m = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
+    return f" (did you mean '{m[0]}'?)" if m else f" (valid: {', '.join(sorted(options))})"
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Convert ``value`` to the type of ``default`` or raise ConfigError naming ``key``."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected a boolean (true/false), got {value!r}")
+    if isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            v = float(value)
+            if not math.isfinite(v):
+                raise ConfigError(f"config key '{key}': expected a finite number, got {value!r}")
+            return v
+        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+    if isinstance(default, str):
+        if isinstance(value, str):
+            return _expand(key, value)
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    if isinstance(default, list):
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        proto = default[0] if default else value[0] if value else ""
+        return [_coerce(f"{key}[{i}]", v, proto) for i, v in enumerate(value)]
+    raise ConfigError(f"config key '{key}': unsupported default type {type(default).__name__}")
+
+
+def _expand(key: str, text: str) -> str:
+    def sub(m: re.Match) -> str:
+        name = m.group(1)
+        if not name or name not in os.environ:
+            raise ConfigError(f"config key '{key}': environment variable '{name}' is not set")
+        return os.environ[name]
+
+    return _VAR.sub(sub, text)
+
+
+def _merge(base: dict, override: Mapping, where: str) -> None:
+    for sec, values in override.items():
+        if sec not in base:
+            raise ConfigError(f"unknown config section '{sec}' in {where}{_closest(sec, list(base))}")
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"config section '{sec}' in {where} must be a table, got {values!r}")
+        for k, v in values.items():
+            if k not in base[sec]:
+                raise ConfigError(
+                    f"unknown config key '{sec}.{k}' in {where}{_closest(k, list(base[sec]))}")
+            base[sec][k] = _coerce(f"{sec}.{k}", v, base[sec][k])
+
+
+def parse_override(text: str, defaults: dict) -> tuple[str, str, Any]:
+    """Parse one ``section.key=value`` override with the key's own type.
+
+    The value is read as a TOML literal when possible (numbers, booleans, lists, quoted
+    strings); for string keys anything else is taken verbatim, so values may contain ``=``.
+    """
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    name, raw = text.split("=", 1)
+    name = name.strip()
+    if name.count(".") != 1:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, got key {name!r}")
+    sec, key = name.split(".")
+    if sec not in defaults:
+        raise ConfigError(f"--set: unknown config section '{sec}'{_closest(sec, list(defaults))}")
+    if key not in defaults[sec]:
+        raise ConfigError(f"--set: unknown config key '{sec}.{key}'{_closest(key, list(defaults[sec]))}")
+    default = defaults[sec][key]
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        if isinstance(default, str):
+            value = raw
+        else:
+            raise ConfigError(f"--set {name}: cannot parse {raw!r} as a {type(default).__name__}") from None
+    if isinstance(default, str) and not isinstance(value, str):
+        value = raw.strip()
+    return sec, key, value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple = (),
+                extra: Mapping | None = None) -> Config:
+    """Build the resolved :class:`Config`.
+
+    Parameters
+    ----------
+    path : path-like or None
+        A TOML run config; relative ``data.path`` / ``output.dir`` are resolved against
+        its directory. ``None`` uses the defaults only.
+    overrides : list of str
+        ``section.key=value`` strings applied after the file.
+    extra : mapping, optional
+        Nested dict applied after the file and before ``overrides`` (used by ``demo``).
+    """
+    merged = default_dict()
+    base_dir = Path.cwd()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p}: not found")
+        try:
+            user = tomllib.loads(p.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {p}: not valid TOML ({e})") from None
+        _merge(merged, user, str(p))
+        base_dir = p.resolve().parent
+        for sec, key in (("data", "path"), ("output", "dir")):
+            if sec in user and key in user[sec] and merged[sec][key]:
+                q = Path(merged[sec][key])
+                merged[sec][key] = str(q if q.is_absolute() else base_dir / q)
+    if extra:
+        _merge(merged, extra, "built-in settings")
+    defaults = default_dict()
+    for text in overrides:
+        sec, key, value = parse_override(text, defaults)
+        _merge(merged, {sec: {key: value}}, "--set")
+    return build_config(merged)
+
+
+def build_config(d: Mapping) -> Config:
+    """Validate a complete nested dict (all keys present) into a :class:`Config`."""
+    sections = {}
+    for name, cls in _SECTION_CLASSES.items():
+        values = dict(d[name])
+        for f in fields(cls):
+            if isinstance(values.get(f.name), list):
+                values[f.name] = tuple(values[f.name])
+        sections[name] = cls(**values)
+    return Config(**sections)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} as TOML")
+
+
+def dumps_toml(d: Mapping) -> str:
+    """Write a two-level dict of scalars and lists as TOML (enough for our config)."""
+    lines = []
+    for sec, values in d.items():
+        lines.append(f"[{sec}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())
+        lines.append("")
+    return "\n".join(lines)

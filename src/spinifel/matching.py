@@ -1,0 +1,115 @@
+"""Orientation matching: each image takes the orientation of its nearest model slice.
+
+Squared Euclidean distances ``||x||^2 + ||y||^2 - 2 x.y`` over the good pixels are
+computed as one GEMM per (image block, slice batch) with a running minimum, so memory is
+bounded by the batch sizes and does not grow with the number of orientations.
+
+With ``scale_per_image`` the model slice is first scaled by the best non-negative factor
+``c = max(x.y, 0) / ||y||^2`` (images with varying fluence); the distance is then
+``||x||^2 - max(x.y, 0)^2 / ||y||^2``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+
+
+@dataclass
+class MatchState:
+    """Running best match of each local image.
+
+    Attributes
+    ----------
+    best_index : ndarray (n_images,) int64
+        Index into the orientation grid of the nearest model slice so far (-1 = none).
+    best_dist : ndarray (n_images,) float64
+        Its squared distance.
+    best_scale : ndarray (n_images,) float64
+        The fitted scale factor (1 without ``scale_per_image``).
+    """
+
+    best_index: np.ndarray
+    best_dist: np.ndarray
+    best_scale: np.ndarray
+
+    @classmethod
+    def empty(cls, n_images: int) -> "MatchState":
+        return cls(np.full(n_images, -1, dtype=np.int64), np.full(n_images, np.inf),
+                   np.ones(n_images))
+
+    def merge(self, other: "MatchState") -> None:
+        """Keep, per image, the better of two states (ties: the lower orientation index)."""
+        better = (other.best_dist < self.best_dist) | (
+            (other.best_dist == self.best_dist) & (other.best_index < self.best_index)
+            & (other.best_index >= 0))
+        self.best_index[better] = other.best_index[better]
+        self.best_dist[better] = other.best_dist[better]
+        self.best_scale[better] = other.best_scale[better]
+
+
+def update_matches(state: MatchState, images: np.ndarray, image_sq: np.ndarray, slices: np.ndarray,
+                   offset: int, scale_per_image: bool = False, image_batch: int = 4096) -> None:
+    """Fold one batch of model slices into the running best match.
+
+    Parameters
+    ----------
+    state : MatchState
+        Updated in place.
+    images : ndarray (n_images, P) float32/float64
+        Local images over the good pixels.
+    image_sq : ndarray (n_images,) float64
+        ``||x||^2`` of each image (precomputed once).
+    slices : ndarray (B, P)
+        Model slices of orientations ``offset .. offset + B - 1``, same dtype as images.
+    """
+    slices = np.asarray(slices, dtype=images.dtype)
+    slice_sq = np.einsum("bp,bp->b", slices, slices, dtype=np.float64)
+    for a in range(0, images.shape[0], image_batch):
+        b = min(a + image_batch, images.shape[0])
+        cross = images[a:b] @ slices.T  # (n, B) GEMM, dominates the cost
+        if scale_per_image:
+            pos = np.maximum(cross, 0).astype(np.float64)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                gain = np.where(slice_sq > 0, pos * pos / slice_sq, 0.0)
+            idx = np.argmax(gain, axis=1)
+            rows = np.arange(b - a)
+            dist = image_sq[a:b] - gain[rows, idx]
+            den = slice_sq[idx]
+            scale = np.divide(pos[rows, idx], den, out=np.zeros(b - a), where=den > 0)
+        else:
+            # ||x||^2 is constant per image: argmin of ||y||^2 - 2 x.y.
+            part = slice_sq[None, :] - 2.0 * cross
+            idx = np.argmin(part, axis=1)
+            rows = np.arange(b - a)
+            dist = image_sq[a:b] + part[rows, idx]
+            scale = np.ones(b - a)
+        better = dist < state.best_dist[a:b]
+        sl = np.arange(a, b)[better]
+        state.best_index[sl] = idx[better] + offset
+        state.best_dist[sl] = dist[better]
+        state.best_scale[sl] = scale[better]
+
+
+def match_orientations(images: np.ndarray, slice_batches: Iterable[tuple[int, np.ndarray]],
+                       scale_per_image: bool = False, image_batch: int = 4096) -> MatchState:
+    """Nearest model slice of every image over a stream of slice batches.
+
+    Parameters
+    ----------
+    images : ndarray (n_images, P)
+        Local images over the good pixels (masked pixels removed).
+    slice_batches : iterable of (offset, ndarray (B, P))
+        Model slices with the grid index of their first orientation (``Slicer.iter_batches``).
+
+    Returns
+    -------
+    MatchState
+    """
+    image_sq = np.einsum("np,np->n", images, images, dtype=np.float64)
+    state = MatchState.empty(images.shape[0])
+    for offset, slices in slice_batches:
+        update_matches(state, images, image_sq, slices, offset, scale_per_image, image_batch)
+    return state

@@ -1,0 +1,181 @@
+"""The global merge: Tikhonov-regularised least squares for the autocorrelation.
+
+Solves ``(N + lam I) x = r + lam x0`` on the ``M^3`` grid restricted to the
+autocorrelation support, with ``N = Re(A* D A)`` (Toeplitz, :mod:`.operator`) and
+``r = Re(A* D b)``. Both are type-1 NUFFTs of each rank's own images, summed over all
+ranks with ``Allreduce``: the result does not depend on the number of ranks. The list of
+regularisation values is fixed by the config; values are dealt to ranks round-robin, the
+L-curve corner over all of them is chosen and its solution broadcast from its owner.
+
+The only MPI this module sees is the communicator passed in, through
+:mod:`spinifel.parallel.collectives`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from spinifel.merging.cg import conjugate_gradient
+from spinifel.merging.lcurve import lcurve_corner
+from spinifel.merging.operator import ToeplitzNormalOperator, adjoint_to_grid, kernel_spectrum
+from spinifel.parallel.collectives import allreduce_sum, bcast_array
+from spinifel.parallel.partition import round_robin
+from spinifel.slicing import rotated_points
+
+log = logging.getLogger("spinifel")
+
+
+@dataclass
+class NormalEquations:
+    """Globally summed pieces of the normal equations (identical on every rank).
+
+    Attributes
+    ----------
+    rhs : ndarray (M, M, M) float64
+        ``Re(A* D b)``.
+    spectrum : ndarray (2M, 2M, M+1) float64
+        Real spectrum of the Toeplitz kernel ``Re K``.
+    weight_sum : float
+        ``sum_p w_p`` over all pixels of all images: every diagonal entry of ``N``.
+    data_norm_sq : float
+        ``b^T D b``.
+    """
+
+    rhs: np.ndarray
+    spectrum: np.ndarray
+    weight_sum: float
+    data_norm_sq: float
+
+
+@dataclass
+class MergeResult:
+    """Outcome of :func:`merge` (identical on every rank)."""
+
+    autocorrelation: np.ndarray
+    lam: float
+    lam_rel: float
+    index: int
+    lambdas_rel: list[float]
+    residual_norms: list[float]
+    solution_norms: list[float]
+    cg_iterations: list[int]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def accumulate_normal_equations(comm: Any, images: np.ndarray, quaternions: np.ndarray,
+                                positions: np.ndarray, reciprocal_extent: float, M: int,
+                                weights: np.ndarray | None = None, eps: float = 1e-6,
+                                nthreads: int = 1, image_batch: int = 1024,
+                                timings: dict | None = None) -> NormalEquations:
+    """Type-1 NUFFTs of this rank's images, summed over all ranks.
+
+    Parameters
+    ----------
+    comm : communicator
+        All ranks call this collectively.
+    images : ndarray (n_local, P)
+        Local images at the good pixels (photons).
+    quaternions : ndarray (n_local, 4)
+        Current orientation of each local image.
+    positions : ndarray (3, P)
+        Reciprocal positions of the good pixels, inverse metres.
+    weights : ndarray (P,) or None
+        Pixel weights ``D`` (None = 1 for every pixel given).
+    """
+    t0 = time.perf_counter()
+    P = positions.shape[1]
+    w = np.ones(P) if weights is None else np.asarray(weights, dtype=np.float64)
+    rhs = np.zeros((M, M, M), dtype=np.complex128)
+    kern = np.zeros((2 * M,) * 3, dtype=np.complex128)
+    data_sq = 0.0
+    for a in range(0, images.shape[0], image_batch):
+        b = min(a + image_batch, images.shape[0])
+        pts = rotated_points(quaternions[a:b], positions, reciprocal_extent, np.float64)
+        vals = (np.asarray(images[a:b], dtype=np.float64) * w).ravel()
+        rhs += adjoint_to_grid(pts, vals, M, eps, nthreads)
+        kern += adjoint_to_grid(pts, np.tile(w, b - a), 2 * M, eps, nthreads)
+        data_sq += float(np.einsum("np,np,p->", images[a:b], images[a:b], w, dtype=np.float64))
+    t1 = time.perf_counter()
+    rhs_real = np.ascontiguousarray(rhs.real)
+    kern_real = np.ascontiguousarray(kern.real)
+    scalars = np.array([w.sum() * images.shape[0], data_sq])
+    allreduce_sum(comm, rhs_real)
+    allreduce_sum(comm, kern_real)
+    allreduce_sum(comm, scalars)
+    t2 = time.perf_counter()
+    spectrum = kernel_spectrum(kern_real, workers=nthreads)
+    if timings is not None:
+        timings["merge_nufft"] = timings.get("merge_nufft", 0.0) + (t1 - t0)
+        timings["merge_allreduce"] = timings.get("merge_allreduce", 0.0) + (t2 - t1)
+    return NormalEquations(rhs_real, spectrum, float(scalars[0]), float(scalars[1]))
+
+
+def ball_support(M: int, radius_fraction: float = 1.0) -> np.ndarray:
+    """Voxels within ``radius_fraction * (M-1)/2`` voxels of the centre, ``(M, M, M)`` bool."""
+    c = (M - 1) / 2
+    r = np.arange(M) - c
+    d2 = r[:, None, None] ** 2 + r[None, :, None] ** 2 + r[None, None, :] ** 2
+    return d2 <= (radius_fraction * c) ** 2 + 1e-9
+
+
+def solve_regularised(op: ToeplitzNormalOperator, eq: NormalEquations, lam: float, x0: np.ndarray,
+                      x_init: np.ndarray, max_iter: int, tol: float) -> tuple[np.ndarray, int, float, float]:
+    """One Tikhonov solve; returns ``(x, iterations, residual_norm, solution_norm)``.
+
+    The residual norm ``||D^1/2 (A x - b)||`` comes from the normal equations without
+    another NUFFT: ``x.Nx - 2 x.r + b.Db``.
+    """
+    sup = op.support
+    b = eq.rhs + lam * x0
+    if sup is not None:
+        b = np.where(sup, b, 0.0)
+        x_init = np.where(sup, x_init, 0.0)
+    res = conjugate_gradient(lambda v: op(v, lam), b, x_init, max_iter=max_iter, tol=tol)
+    x = res.x
+    nx = op(x)  # N x on the support
+    misfit = float(np.vdot(x, nx) - 2.0 * np.vdot(x, eq.rhs) + eq.data_norm_sq)
+    residual = float(np.sqrt(max(misfit, 0.0)))
+    solution = float(np.linalg.norm(x - (np.where(sup, x0, 0.0) if sup is not None else x0)))
+    return x, int(res.n_iter), residual, solution
+
+
+def merge(comm: Any, eq: NormalEquations, *, lambdas_rel: Sequence[float], x0: np.ndarray,
+          x_init: np.ndarray, support: np.ndarray | None, max_iter: int, tol: float,
+          nthreads: int = 1, timings: dict | None = None) -> MergeResult:
+    """Sweep the regularisation values over the ranks and pick the L-curve corner.
+
+    Every rank must call this with identical ``eq``, ``x0`` and ``x_init`` (they are,
+    after :func:`accumulate_normal_equations` and the pipeline's broadcasts).
+    """
+    t0 = time.perf_counter()
+    rank, size = comm.Get_rank(), comm.Get_size()
+    op = ToeplitzNormalOperator(eq.spectrum, support, workers=nthreads)
+    n = len(lambdas_rel)
+    mine = round_robin(n, size, rank)
+    local: dict[int, tuple[np.ndarray, int, float, float]] = {}
+    for i in mine:
+        lam = lambdas_rel[i] * eq.weight_sum
+        local[i] = solve_regularised(op, eq, lam, x0, x_init, max_iter, tol)
+    t1 = time.perf_counter()
+    summary = {i: (v[1], v[2], v[3]) for i, v in local.items()}
+    gathered: dict[int, tuple[int, float, float]] = {}
+    for part in comm.allgather(summary):
+        gathered.update(part)
+    iters = [gathered[i][0] for i in range(n)]
+    resid = [gathered[i][1] for i in range(n)]
+    norms = [gathered[i][2] for i in range(n)]
+    k = lcurve_corner(np.array(resid), np.array(norms), np.array(lambdas_rel)) if n > 1 else 0
+    owner = k % size
+    x = bcast_array(comm, local[k][0] if rank == owner else None, root=owner)
+    t2 = time.perf_counter()
+    if timings is not None:
+        timings["merge_cg"] = timings.get("merge_cg", 0.0) + (t1 - t0)
+        timings["merge_lcurve"] = timings.get("merge_lcurve", 0.0) + (t2 - t1)
+    return MergeResult(autocorrelation=x, lam=lambdas_rel[k] * eq.weight_sum, lam_rel=lambdas_rel[k],
+                       index=k, lambdas_rel=list(lambdas_rel), residual_norms=resid,
+                       solution_norms=norms, cg_iterations=iters)

@@ -1,0 +1,273 @@
+"""The M-TIP generation loop (SPMD: every rank runs this with its own image shard).
+
+Data flow per generation::
+
+    shard of images --(slicing + matching: orientations)--> local orientations
+    local images + orientations --(type-1 NUFFTs, Allreduce)--> normal equations
+    normal equations --(CG per lambda, L-curve, Bcast)--> merged autocorrelation
+    merged autocorrelation --(phasing on rank 0, Bcast)--> density, support, phased ac
+    rank 0 --> result.h5 / MRC / metrics.json (+ evaluation when ground truth exists)
+
+Generation 0 merges with random (seeded) orientations. Every random choice derives from
+``runtime.seed`` and the generation number, never from the rank, so the result does not
+depend on the number of ranks beyond round-off.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spinifel.config import Config
+from spinifel.errors import DatasetError, SpinifelError
+from spinifel.geometry.orientations import grid_spacing, orientation_grid, random_quaternions
+from spinifel.io.dataset import inspect_dataset, read_geometry, read_shard, shard_bounds
+from spinifel.matching import match_orientations
+from spinifel.merging.merge import accumulate_normal_equations, ball_support, merge
+from spinifel.parallel.collectives import allreduce_sum, bcast_array
+from spinifel.parallel.context import ParallelContext, collective, on_root
+from spinifel.slicing import Slicer
+
+log = logging.getLogger("spinifel")
+
+
+def intensity_from_autocorrelation(ac: np.ndarray) -> np.ndarray:
+    """3D intensity on the centred reciprocal grid (docs/architecture.md), float64."""
+    return np.real(np.fft.fftshift(np.fft.fftn(np.fft.ifftshift(ac))))
+
+
+@dataclass
+class RunState:
+    """What one generation hands to the next (identical on every rank)."""
+
+    generation: int = -1
+    merged_ac: np.ndarray | None = None
+    phased_ac: np.ndarray | None = None
+    density: np.ndarray | None = None
+    support: np.ndarray | None = None
+    orientation_index: np.ndarray | None = None  # local, into the orientation grid
+    quaternions: np.ndarray | None = None  # local (n_local, 4)
+    metrics: list = field(default_factory=list)
+
+
+def _phase_on_root(cfg: Config, ac: np.ndarray, state: RunState, generation: int):
+    from spinifel.phasing.phase import phase
+
+    a = cfg.algorithm
+    rng = np.random.default_rng([cfg.runtime.seed, generation, 17])
+    return phase(ac, n_loops=a.n_phase_loops, n_er=a.n_er, n_hio=a.n_hio, beta=a.hio_beta,
+                 sw_sigma=a.shrinkwrap_sigma, sw_threshold=a.shrinkwrap_threshold,
+                 n_final_er=a.n_final_er, rng=rng, rho0=state.density, support0=state.support)
+
+
+def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
+                 dry_run: bool = False) -> dict:
+    """Reconstruct the dataset named in ``cfg`` (collective over ``ctx.comm``).
+
+    Returns
+    -------
+    dict
+        On every rank: ``{"generations": n, "out_dir": str, "final": metrics of the last
+        generation}``; rank 0 has written ``OUT/result.h5``, MRC files and ``metrics.json``.
+    """
+    from spinifel.io import output
+
+    comm = ctx.comm
+    rank, size = ctx.rank, ctx.size
+    a = cfg.algorithm
+    threads = cfg.runtime.threads_per_rank
+    real = np.float32 if cfg.runtime.precision == "single" else np.float64
+    path = cfg.data.path
+    if not path:
+        raise SpinifelError("config key 'data.path': no dataset given (set it in the config or "
+                            "with --set data.path=FILE)")
+
+    t_io = time.perf_counter()
+    info = collective(comm, inspect_dataset, path)
+    n_images = info.n_images if cfg.data.n_images == 0 else min(cfg.data.n_images, info.n_images)
+    start, stop = collective(comm, shard_bounds, n_images, size, rank)
+    geom = collective(comm, read_geometry, path, cfg.detector.clip, cfg.detector.binning)
+    if a.use_true_orientations and not info.has_orientations:
+        raise DatasetError(path, "orientations", "algorithm.use_true_orientations is set but the "
+                           "dataset has no orientations")
+    mem_est = _memory_estimate(cfg, stop - start, int(geom.mask.sum()))
+    if dry_run:
+        plan = {"ranks": size, "n_images": n_images, "images_per_rank": [stop - start],
+                "pixels": int(geom.mask.sum()), "memory_per_rank_bytes": mem_est}
+        return plan
+    out_dir = on_root(comm, output.prepare_output_dir, cfg.output.dir, overwrite=overwrite)
+    shard = collective(comm, read_shard, path, start, stop, cfg.detector.clip, cfg.detector.binning,
+                       cfg.data.negative, geom)
+    t_io = time.perf_counter() - t_io
+
+    good = geom.mask
+    positions = np.ascontiguousarray(geom.positions[:, good])
+    images = np.ascontiguousarray(shard.images[:, good], dtype=real)
+    extent = geom.reciprocal_extent
+    M = a.M
+    voxel_m = 1.0 / (2.0 * extent)
+    voxel_A = voxel_m * 1e10
+    extent_invA = extent * 1e-10
+    log.info("data: %d images on %d ranks (%d..%d per rank), %d good pixels of %d; "
+             "resolution at the detector corner %.2f A; grid M=%d, voxel %.2f A",
+             n_images, size, min(_all(comm, stop - start)), max(_all(comm, stop - start)),
+             int(good.sum()), good.size, 1.0 / extent_invA, M, voxel_A)
+    log.info("memory estimate per rank: %.1f MiB", mem_est / 2**20)
+
+    grid = orientation_grid(a.n_orientations)
+    spacing_deg = math.degrees(grid_spacing(a.n_orientations))
+    support = ball_support(M, a.ac_support_radius)
+    truth = None
+    if cfg.evaluation.enabled and rank == 0 and info.has_ground_truth:
+        from spinifel.evaluate.report import load_ground_truth
+
+        truth = load_ground_truth(path)
+    if a.use_true_orientations:
+        quats = np.asarray(shard.orientations, dtype=np.float64).reshape(-1, 4)
+        log.info("using the dataset's true orientations (validation mode): no matching")
+    else:
+        rng0 = np.random.default_rng([cfg.runtime.seed, 0, 3])
+        quats = random_quaternions(n_images, rng0)[start:stop]
+
+    state = RunState()
+    metrics: list[dict] = []
+    zeros = np.zeros((M, M, M))
+    prev_index = None
+    t_run = time.perf_counter()
+    final_eval = None
+    for g in range(a.generations):
+        timings: dict[str, float] = {}
+        changed = float("nan")
+        if g > 0 and not a.use_true_orientations:
+            t = time.perf_counter()
+            slicer = Slicer(state.phased_ac, positions, extent, a.nufft_eps_slicing, real, threads)
+            match = match_orientations(images, _timed_batches(slicer, grid, a.orientation_batch, timings),
+                                       a.scale_per_image, a.image_batch)
+            timings["matching"] = time.perf_counter() - t - timings.get("slicing", 0.0)
+            quats = grid[match.best_index]
+            if prev_index is not None:
+                n_changed = np.array([float(np.count_nonzero(match.best_index != prev_index))])
+                changed = float(allreduce_sum(comm, n_changed)[0]) / n_images
+            prev_index = match.best_index
+        eq = accumulate_normal_equations(comm, images, quats, positions, extent, M, None,
+                                         a.nufft_eps_merge, threads, a.image_batch, timings)
+        x0 = zeros if state.phased_ac is None else state.phased_ac
+        x_init = x0 if state.merged_ac is None else state.merged_ac
+        res = merge(comm, eq, lambdas_rel=a.lambdas, x0=x0, x_init=x_init, support=support,
+                    max_iter=a.cg_max_iter, tol=a.cg_tol, nthreads=threads, timings=timings)
+        t = time.perf_counter()
+        ph = _phase_on_root(cfg, res.autocorrelation, state, g) if rank == 0 else None
+        density = bcast_array(comm, None if ph is None else np.asarray(ph.density, dtype=np.float64))
+        dsupport = bcast_array(comm, None if ph is None else np.asarray(ph.support, dtype=bool))
+        phased = bcast_array(comm, None if ph is None else np.asarray(ph.autocorrelation, dtype=np.float64))
+        timings["phasing"] = time.perf_counter() - t
+        density_change = float("nan")
+        if state.density is not None:
+            den = np.linalg.norm(state.density)
+            density_change = float(np.linalg.norm(density - state.density) / den) if den > 0 else float("nan")
+        state = RunState(generation=g, merged_ac=res.autocorrelation, phased_ac=phased,
+                         density=density, support=dsupport, quaternions=quats)
+        # Orientations of all images in file order on rank 0 (rank blocks are in file order).
+        all_q = comm.gather(quats, root=0) if size > 1 else [quats]
+        entry = {"generation": g, "timings": timings,
+                 "cg_iterations": res.cg_iterations[res.index], "lambda": res.lam,
+                 "lambda_rel": res.lam_rel, "lcurve": {"lambdas_rel": res.lambdas_rel,
+                                                      "residual_norms": res.residual_norms,
+                                                      "solution_norms": res.solution_norms},
+                 "orientation_change": changed, "density_change": density_change,
+                 "fourier_error": None if ph is None else float(ph.fourier_error)}
+        if rank == 0:
+            orientations = np.concatenate(all_q, axis=0)
+            intensity = intensity_from_autocorrelation(res.autocorrelation)
+            if truth is not None:
+                t = time.perf_counter()
+                from spinifel.evaluate.report import evaluate_arrays
+
+                ev = evaluate_arrays(density=density, intensity=intensity, orientations=orientations,
+                                     voxel_size_angstrom=voxel_A, truth=truth,
+                                     grid_spacing_deg=spacing_deg)
+                entry["evaluation"] = _summary(ev)
+                final_eval = ev
+                timings["evaluation"] = time.perf_counter() - t
+            last = g == a.generations - 1
+            if last or (g + 1) % cfg.output.write_every == 0:
+                t = time.perf_counter()
+                output.write_result(out_dir, density=density.astype(np.float32),
+                                    intensity=intensity.astype(np.float32),
+                                    autocorrelation=res.autocorrelation.astype(np.float32),
+                                    support=dsupport.astype(np.uint8), orientations=orientations,
+                                    voxel_size_angstrom=voxel_A, reciprocal_extent_inv_angstrom=extent_invA,
+                                    generation=g, n_ranks=size, config_toml=cfg.to_toml(),
+                                    write_mrc=cfg.output.mrc)
+                timings["output"] = time.perf_counter() - t
+        timings["io_read"] = t_io if g == 0 else 0.0
+        metrics.append(entry)
+        if rank == 0:
+            output.write_metrics(out_dir, {"generations": metrics, "n_ranks": size,
+                                           "n_images": n_images, "M": M,
+                                           "voxel_size_angstrom": voxel_A,
+                                           "n_orientations": a.n_orientations,
+                                           "grid_spacing_deg": spacing_deg})
+        _log_generation(g, a.generations, entry, time.perf_counter() - t_run)
+        if g > 0 and a.orientation_change_tol > 0 and a.density_change_tol > 0:
+            if changed < a.orientation_change_tol and density_change < a.density_change_tol:
+                log.info("converged: %.4f of images changed orientation, density changed %.4f",
+                         changed, density_change)
+                break
+    out = {"generations": len(metrics), "out_dir": str(out_dir), "final": metrics[-1]}
+    if final_eval is not None:
+        out["evaluation"] = _summary(final_eval)
+    return out
+
+
+def _all(comm: Any, value: int) -> list[int]:
+    return comm.allgather(value) if comm.Get_size() > 1 else [value]
+
+
+def _timed_batches(slicer: Slicer, grid: np.ndarray, batch: int, timings: dict):
+    """Slice batches for matching, accumulating the slicing time separately."""
+    for start in range(0, len(grid), batch):
+        t = time.perf_counter()
+        s = slicer.slices(grid[start:start + batch])
+        timings["slicing"] = timings.get("slicing", 0.0) + time.perf_counter() - t
+        yield start, s
+
+
+def _summary(ev: dict) -> dict:
+    keep = ("density_correlation", "density_hand", "fsc_resolution_0p5_angstrom",
+            "fsc_resolution_0p143_angstrom", "intensity_correlation", "orientation_error_deg")
+    return {k: ev[k] for k in keep if k in ev}
+
+
+def _log_generation(g: int, n: int, entry: dict, elapsed: float) -> None:
+    t = entry["timings"]
+    stages = ", ".join(f"{k} {v:.2f}s" for k, v in t.items() if v)
+    eta = elapsed / (g + 1) * (n - g - 1)
+    msg = (f"generation {g + 1}/{n}: lambda_rel {entry['lambda_rel']:.3g}, CG {entry['cg_iterations']} it, "
+           f"orientation change {entry['orientation_change']:.3f}; {stages}; ETA {eta:.0f}s")
+    ev = entry.get("evaluation")
+    if ev:
+        msg += (f"; truth: correlation {ev.get('density_correlation', float('nan')):.3f}, "
+                f"FSC0.5 {ev.get('fsc_resolution_0p5_angstrom', float('nan')):.1f} A")
+        oe = ev.get("orientation_error_deg")
+        if isinstance(oe, dict) and "median" in oe:
+            msg += f", median orientation error {oe['median']:.1f} deg"
+    log.info(msg)
+
+
+def _memory_estimate(cfg: Config, n_local: int, n_pixels: int) -> int:
+    """Rough peak bytes per rank: images, one slice batch and its GEMM block, grids."""
+    a = cfg.algorithm
+    item = 4 if cfg.runtime.precision == "single" else 8
+    images = n_local * n_pixels * item
+    slices = a.orientation_batch * n_pixels * (item + 8 * 3 + 8)
+    gemm = min(a.image_batch, max(n_local, 1)) * a.orientation_batch * 8 * 2
+    merge_pts = min(a.image_batch, max(n_local, 1)) * n_pixels * 8 * 4
+    grids = (2 * a.M) ** 3 * 8 * 4 + a.M ** 3 * 8 * 8
+    return int(images + slices + gemm + merge_pts + grids)
