@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from spinifel import __version__
@@ -87,6 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         if size > 1 and not collective:
             comm.Abort(e.exit_code)
         return e.exit_code
+    except BrokenPipeError:
+        # `spinifel-mpi info x.h5 --json | head`: the reader went away; not an error of ours.
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
     except KeyboardInterrupt:
         if size > 1:
             comm.Abort(130)
