@@ -127,7 +127,7 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
     if cfg.evaluation.enabled and rank == 0 and info.has_ground_truth:
         from spinifel.evaluate.report import load_ground_truth
 
-        truth = load_ground_truth(path)
+        truth = load_ground_truth(path, M, extent)
     if a.use_true_orientations:
         quats = np.asarray(shard.orientations, dtype=np.float64).reshape(-1, 4)
         log.info("using the dataset's true orientations (validation mode): no matching")
@@ -189,11 +189,17 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
                 t = time.perf_counter()
                 from spinifel.evaluate.report import evaluate_arrays
 
-                ev = evaluate_arrays(density=density, intensity=intensity, orientations=orientations,
-                                     voxel_size_angstrom=voxel_A, truth=truth,
-                                     grid_spacing_deg=spacing_deg)
-                entry["evaluation"] = _summary(ev)
-                final_eval = ev
+                try:
+                    ev = evaluate_arrays(density=density, intensity=intensity,
+                                         orientations=orientations, voxel_size_angstrom=voxel_A,
+                                         truth=truth, grid_spacing_deg=spacing_deg)
+                except (ValueError, SpinifelError) as e:
+                    # Evaluation informs; it never stops a reconstruction.
+                    log.warning("evaluation against the ground truth skipped: %s", e)
+                    truth = None
+                else:
+                    entry["evaluation"] = _summary(ev)
+                    final_eval = ev
                 timings["evaluation"] = time.perf_counter() - t
             last = g == a.generations - 1
             if last or (g + 1) % cfg.output.write_every == 0:
