@@ -396,3 +396,38 @@ def test_phase_rejects_bad_input():
         phase(ac, **{**kw, "n_er": -1})
     with pytest.raises(ValueError, match="rho0 must have the shape"):
         phase(ac, rho0=np.zeros((9, 9, 9)), **kw)
+
+
+def test_fourier_mask_leaves_unmeasured_coefficients_free():
+    """Amplitudes outside the measured shell are garbage; with the mask phasing ignores them."""
+    from spinifel.phasing.phase import phase
+
+    M = 25
+    idx = np.indices((M, M, M)) - (M - 1) / 2
+    rho = np.zeros((M, M, M))
+    for c, w in (([2, 0, 1], 1.0), ([-2, 1, 0], 0.7), ([0, -2, -1], 0.5)):
+        rho += w * np.exp(-((idx - np.array(c)[:, None, None, None]) ** 2).sum(0) / 1.2)
+    intensity = np.abs(np.fft.fftshift(np.fft.fftn(np.fft.ifftshift(rho)))) ** 2
+    r = np.sqrt((idx ** 2).sum(0))
+    measured = r <= 0.8 * (M - 1) / 2
+    corrupted = np.where(measured, intensity, 50.0 * intensity.max())  # garbage in the corners
+    ac = np.real(np.fft.fftshift(np.fft.ifftn(np.fft.ifftshift(corrupted))))
+    kw = dict(n_loops=8, n_er=40, n_hio=30, beta=0.8, sw_sigma=1.0, sw_threshold=0.1,
+              n_final_er=60, rng=np.random.default_rng(3))
+    with_mask = phase(ac, fourier_mask=measured, **kw)
+    without = phase(ac, **kw)
+
+    def best_corr(est):
+        out = []
+        for cand in (est, est[::-1, ::-1, ::-1]):
+            xc = np.fft.ifftn(np.fft.fftn(rho) * np.conj(np.fft.fftn(cand))).real
+            sh = np.unravel_index(np.argmax(xc), xc.shape)
+            out.append(np.corrcoef(np.roll(cand, sh, axis=(0, 1, 2)).ravel(), rho.ravel())[0, 1])
+        return max(out)
+
+    c_with, c_without = best_corr(with_mask.density), best_corr(without.density)
+    # Seeded and deterministic; measured 0.86 with the mask vs 0.46 without. Missing
+    # corners make the solution less unique than with full data, hence not > 0.99.
+    assert with_mask.fourier_error < 1e-2
+    assert c_with > 0.8
+    assert c_with > c_without + 0.2

@@ -84,6 +84,10 @@ class AlgorithmConfig:
     orientation_batch: int
     image_batch: int
     scale_per_image: bool
+    match_resolution_start: float
+    match_resolution_ramp: int
+    refine_rounds: int
+    refine_generations: int
     use_true_orientations: bool
     nufft_eps_slicing: float
     nufft_eps_merge: float
@@ -112,6 +116,14 @@ class AlgorithmConfig:
         _check(self.orientation_batch >= 1, a + "orientation_batch",
                f"must be >= 1, got {self.orientation_batch}")
         _check(self.image_batch >= 1, a + "image_batch", f"must be >= 1, got {self.image_batch}")
+        _check(0 < self.match_resolution_start <= 1, a + "match_resolution_start",
+               f"must be in (0, 1], got {self.match_resolution_start}")
+        _check(self.match_resolution_ramp >= 1, a + "match_resolution_ramp",
+               f"must be >= 1, got {self.match_resolution_ramp}")
+        _check(0 <= self.refine_rounds <= 8, a + "refine_rounds",
+               f"must be in [0, 8], got {self.refine_rounds}")
+        _check(self.refine_generations >= 0, a + "refine_generations",
+               f"must be >= 0, got {self.refine_generations}")
         for k in ("nufft_eps_slicing", "nufft_eps_merge"):
             v = getattr(self, k)
             _check(1e-15 <= v <= 1e-1, a + k, f"must be in [1e-15, 0.1], got {v}")

@@ -28,7 +28,7 @@ from spinifel.config import Config
 from spinifel.errors import DatasetError, SpinifelError
 from spinifel.geometry.orientations import grid_spacing, orientation_grid, random_quaternions
 from spinifel.io.dataset import inspect_dataset, read_geometry, read_shard, shard_bounds
-from spinifel.matching import match_orientations
+from spinifel.matching import match_orientations, refine_orientations
 from spinifel.merging.merge import accumulate_normal_equations, ball_support, merge
 from spinifel.parallel.collectives import allreduce_sum, bcast_array
 from spinifel.parallel.context import ParallelContext, collective, on_root
@@ -56,14 +56,48 @@ class RunState:
     metrics: list = field(default_factory=list)
 
 
-def _phase_on_root(cfg: Config, ac: np.ndarray, state: RunState, generation: int):
+def measured_fourier_mask(M: int, positions: np.ndarray, reciprocal_extent: float) -> np.ndarray:
+    """Centred ``(M, M, M)`` mask of the reciprocal grid points the data can reach.
+
+    Rotating the detector over all orientations covers the shell between the smallest and
+    the largest ``|s|`` of the good pixels; the cube's corners beyond it and the beamstop
+    hole inside it are not measured, so phasing must not impose amplitudes there.
+    """
+    s = np.linalg.norm(positions, axis=0)
+    step = 2.0 * reciprocal_extent / M  # reciprocal grid spacing 1 / (M d)
+    k = (np.arange(M) - (M - 1) / 2) * step
+    r = np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
+    # half a grid step of margin: grid points on the boundary are interpolated from data
+    return (r >= s.min() - 0.5 * step) & (r <= s.max() + 0.5 * step)
+
+
+def matching_resolution(generation: int, a) -> float:
+    """Fraction of the largest ``|s|`` used for matching in ``generation`` (>= 1)."""
+    if a.match_resolution_ramp <= 1:
+        return 1.0
+    t = (generation - 1) / (a.match_resolution_ramp - 1)
+    return float(min(1.0, a.match_resolution_start + (1.0 - a.match_resolution_start) * t))
+
+
+def model_scale(model_ac: np.ndarray, data_ac: np.ndarray, fourier_mask: np.ndarray) -> float:
+    """Least-squares factor ``c`` minimising ``||c I_model - I_data||`` over ``fourier_mask``."""
+    k = np.fft.ifftshift(fourier_mask)
+    im = np.fft.fftn(np.fft.ifftshift(model_ac)).real[k]
+    idata = np.fft.fftn(np.fft.ifftshift(data_ac)).real[k]
+    den = float(np.dot(im, im))
+    return float(np.dot(im, idata) / den) if den > 0 else 1.0
+
+
+def _phase_on_root(cfg: Config, ac: np.ndarray, state: RunState, generation: int,
+                   fourier_mask: np.ndarray | None):
     from spinifel.phasing.phase import phase
 
     a = cfg.algorithm
     rng = np.random.default_rng([cfg.runtime.seed, generation, 17])
     return phase(ac, n_loops=a.n_phase_loops, n_er=a.n_er, n_hio=a.n_hio, beta=a.hio_beta,
                  sw_sigma=a.shrinkwrap_sigma, sw_threshold=a.shrinkwrap_threshold,
-                 n_final_er=a.n_final_er, rng=rng, rho0=state.density, support0=state.support)
+                 n_final_er=a.n_final_er, rng=rng, rho0=state.density, support0=state.support,
+                 fourier_mask=fourier_mask)
 
 
 def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
@@ -123,6 +157,8 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
     grid = orientation_grid(a.n_orientations)
     spacing_deg = math.degrees(grid_spacing(a.n_orientations))
     support = ball_support(M, a.ac_support_radius)
+    fmask = measured_fourier_mask(M, positions, extent)
+    s_norm = np.linalg.norm(positions, axis=0)
     truth = None
     if cfg.evaluation.enabled and rank == 0 and info.has_ground_truth:
         from spinifel.evaluate.report import load_ground_truth
@@ -146,11 +182,19 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
         changed = float("nan")
         if g > 0 and not a.use_true_orientations:
             t = time.perf_counter()
-            slicer = Slicer(state.phased_ac, positions, extent, a.nufft_eps_slicing, real, threads)
-            match = match_orientations(images, _timed_batches(slicer, grid, a.orientation_batch, timings),
+            sel = s_norm <= matching_resolution(g, a) * s_norm.max()
+            m_images = images if sel.all() else np.ascontiguousarray(images[:, sel])
+            slicer = Slicer(state.phased_ac, positions[:, sel], extent, a.nufft_eps_slicing, real,
+                            threads)
+            match = match_orientations(m_images, _timed_batches(slicer, grid, a.orientation_batch, timings),
                                        a.scale_per_image, a.image_batch)
             timings["matching"] = time.perf_counter() - t - timings.get("slicing", 0.0)
             quats = grid[match.best_index]
+            if a.refine_rounds > 0 and g >= a.generations - a.refine_generations:
+                t = time.perf_counter()
+                quats, _ = refine_orientations(m_images, quats, slicer, 0.5 * grid_spacing(a.n_orientations),
+                                               a.refine_rounds, a.scale_per_image)
+                timings["refinement"] = time.perf_counter() - t
             if prev_index is not None:
                 n_changed = np.array([float(np.count_nonzero(match.best_index != prev_index))])
                 changed = float(allreduce_sum(comm, n_changed)[0]) / n_images
@@ -162,10 +206,15 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
         res = merge(comm, eq, lambdas_rel=a.lambdas, x0=x0, x_init=x_init, support=support,
                     max_iter=a.cg_max_iter, tol=a.cg_tol, nthreads=threads, timings=timings)
         t = time.perf_counter()
-        ph = _phase_on_root(cfg, res.autocorrelation, state, g) if rank == 0 else None
+        ph = _phase_on_root(cfg, res.autocorrelation, state, g, fmask) if rank == 0 else None
         density = bcast_array(comm, None if ph is None else np.asarray(ph.density, dtype=np.float64))
         dsupport = bcast_array(comm, None if ph is None else np.asarray(ph.support, dtype=bool))
         phased = bcast_array(comm, None if ph is None else np.asarray(ph.autocorrelation, dtype=np.float64))
+        # Positivity and the support remove some power: put the phased model back on the
+        # data's scale (least squares over the measured shell) so that matching compares
+        # like with like; a model that is globally too bright or too dim biases the
+        # Euclidean distance towards dim or bright orientations.
+        phased *= model_scale(phased, res.autocorrelation, fmask)
         timings["phasing"] = time.perf_counter() - t
         density_change = float("nan")
         if state.density is not None:

@@ -141,10 +141,14 @@ def amplitudes_from_autocorrelation(ac: Any) -> Any:
 # ----------------------------------------------------------------------------------------
 
 
-def _modulus_step(rho: Any, amp_half: Any, weights: Any) -> tuple[Any, Any]:
+def _modulus_step(rho: Any, amp_half: Any, weights: Any, known: Any = None) -> tuple[Any, Any]:
     """One forward + one inverse FFT: ``(P_M rho, squared weighted Fourier misfit of rho)``.
 
-    The misfit stays a 0-d device array so the loop never synchronises with the host.
+    ``known`` (half-spectrum bool, or None = everywhere) marks the Fourier coefficients
+    that were measured; the others (beyond the detector's reach, behind the beamstop) keep
+    their current value, so the support constraint alone decides them. ``weights`` must
+    already be zero outside ``known``. The misfit stays a 0-d device array so the loop
+    never synchronises with the host.
     """
     xp = get_array_module(rho)
     f = xp.fft.rfftn(rho, axes=_AXES)
@@ -153,8 +157,10 @@ def _modulus_step(rho: Any, amp_half: Any, weights: Any) -> tuple[Any, Any]:
     nonzero = mag > xp.finfo(mag.dtype).tiny
     # Keep the phase of F; where |F| = 0 the phase is undefined: use the amplitude (phase 0).
     scale = amp_half / xp.where(nonzero, mag, 1)
-    f = xp.where(nonzero, f * scale, amp_half)
-    projected = xp.fft.irfftn(f, s=rho.shape, axes=_AXES)
+    g = xp.where(nonzero, f * scale, amp_half)
+    if known is not None:
+        g = xp.where(known, g, f)
+    projected = xp.fft.irfftn(g, s=rho.shape, axes=_AXES)
     return projected.astype(rho.dtype, copy=False), misfit2
 
 
@@ -183,21 +189,21 @@ def fourier_projection(rho: Any, amplitudes: Any) -> Any:
     return projected
 
 
-def _er_iterations(rho, amp_half, support, weights, n_iter, errors):
+def _er_iterations(rho, amp_half, support, weights, n_iter, errors, known=None):
     xp = get_array_module(rho)
     zero = rho.dtype.type(0)
     for _ in range(n_iter):
-        pm, misfit2 = _modulus_step(rho, amp_half, weights)
+        pm, misfit2 = _modulus_step(rho, amp_half, weights, known)
         errors.append(misfit2)
         rho = xp.where(support & (pm > 0), pm, zero)
     return rho
 
 
-def _hio_iterations(rho, amp_half, support, weights, n_iter, beta, errors):
+def _hio_iterations(rho, amp_half, support, weights, n_iter, beta, errors, known=None):
     xp = get_array_module(rho)
     beta = rho.dtype.type(beta)
     for _ in range(n_iter):
-        pm, misfit2 = _modulus_step(rho, amp_half, weights)
+        pm, misfit2 = _modulus_step(rho, amp_half, weights, known)
         errors.append(misfit2)
         rho = xp.where(support & (pm >= 0), pm, rho - beta * pm)
     return rho

@@ -107,6 +107,7 @@ def phase(
     support_fraction: float = 0.01,
     support_scale: float = 0.6,
     center: bool = True,
+    fourier_mask: Any = None,
 ) -> PhaseResult:
     """Retrieve a density whose autocorrelation matches ``ac`` (ER / HIO / shrinkwrap).
 
@@ -137,6 +138,11 @@ def phase(
         Starting support; by default
         :func:`~spinifel.phasing.algorithms.support_from_autocorrelation` of ``ac`` with
         ``support_fraction`` and ``support_scale``.
+    fourier_mask : array, shape (M, M, M) bool, optional
+        Centred (like the intensity grid) mask of the measured Fourier coefficients. The
+        amplitudes are imposed only there; elsewhere (the corners of the reciprocal cube
+        beyond the detector's reach, the beamstop hole) the coefficients are left to the
+        support constraint. None = impose everywhere. Must be centrosymmetric.
     sw_mode : {"max", "std"}
         Shrinkwrap level mode.
     support_fraction, support_scale : float
@@ -187,15 +193,21 @@ def phase(
 
     amp_half = _half(amplitudes)
     weights = _half_weights(ac.shape, xp, dtype)
+    known = None
+    if fourier_mask is not None:
+        _check_same_shape("fourier_mask", fourier_mask, "ac", ac)
+        known = _half(xp.fft.ifftshift(asarray_like(fourier_mask, ac, dtype=bool)))
+        weights = weights * known
+        amp_norm = float(xp.linalg.norm(xp.where(xp.fft.ifftshift(asarray_like(fourier_mask, ac, dtype=bool)), amplitudes, 0).ravel()))
     misfits: list[Any] = []
     empty_flags: list[Any] = []
     for _ in range(n_loops):
-        rho = _er_iterations(rho, amp_half, support, weights, n_er, misfits)
-        rho = _hio_iterations(rho, amp_half, support, weights, n_hio, beta, misfits)
-        rho = _er_iterations(rho, amp_half, support, weights, n_er, misfits)
+        rho = _er_iterations(rho, amp_half, support, weights, n_er, misfits, known)
+        rho = _hio_iterations(rho, amp_half, support, weights, n_hio, beta, misfits, known)
+        rho = _er_iterations(rho, amp_half, support, weights, n_er, misfits, known)
         support, empty = _shrinkwrap_device(rho, support, sw_sigma, sw_threshold, sw_mode)
         empty_flags.append(empty)
-    rho = _er_iterations(rho, amp_half, support, weights, n_final_er, misfits)
+    rho = _er_iterations(rho, amp_half, support, weights, n_final_er, misfits, known)
 
     if empty_flags:
         n_empty = int(to_host(xp.sum(xp.stack(empty_flags))))
@@ -216,6 +228,7 @@ def phase(
         density=rho,
         support=support,
         autocorrelation=autocorrelation_from_density(rho),
-        fourier_error=fourier_error(rho, amplitudes),
+        fourier_error=(fourier_error(rho, amplitudes) if known is None else
+                       float(history[-1]) if history else float("nan")),
         history=history,
     )
