@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/mpiexec -n $(NP) $(BIN)/spinifel-mpi demo --out demo_out $(DEMO_ARGS)
+	$(BIN)/mpiexec -n $(NP) $(BIN)/spinifel-mpi demo --out demo_out --overwrite $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(MAKE) test-serial test-mpi

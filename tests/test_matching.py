@@ -1,6 +1,7 @@
 """Orientation matching against a brute-force reference and on exact model slices."""
 
 import numpy as np
+import pytest
 
 from spinifel.geometry.orientations import orientation_grid
 from spinifel.matching import match_orientations
@@ -99,3 +100,20 @@ def test_refinement_finds_off_grid_orientation(rng):
     assert np.all(d <= st.best_dist * (1 + 1e-9) + 1e-9)
     assert np.median(fine) < 0.25 * np.median(coarse)
     assert np.median(fine) < step / 2
+
+
+@pytest.mark.mpi(min_size=2)
+def test_matching_independent_of_rank_count():
+    from mpi4py import MPI
+
+    from spinifel.parallel.partition import block_range
+
+    comm = MPI.COMM_WORLD
+    rng = np.random.default_rng(7)
+    images = rng.uniform(0, 1, (101, 40)).astype(np.float32)
+    slices = rng.uniform(0, 1, (230, 40)).astype(np.float32)
+    ref = match_orientations(images, _batches(slices, 64), scale_per_image=True)
+    a, b = block_range(len(images), comm.Get_size(), comm.Get_rank())
+    mine = match_orientations(images[a:b], _batches(slices, 64), scale_per_image=True)
+    every = np.concatenate(comm.allgather(mine.best_index))
+    assert np.array_equal(every, ref.best_index)

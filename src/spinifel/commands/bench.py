@@ -2,6 +2,9 @@
 
 Not available in this version: the command exists so that job scripts can name it; it
 exits with an error rather than printing made-up numbers.
+
+examples:
+  mpiexec -n 2 spinifel-mpi bench      # not implemented yet: exits 2 with a message
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@ Serial (no MPI). Reads ``OUT/result.h5``, aligns the reconstruction to the groun
 (global rotation from the orientations or by an intensity search, then hand and shift),
 writes ``OUT/evaluation.json`` and PNG plots, and prints a short summary. Costs a few
 seconds for M = 41 (tens of seconds for M = 81 without truth orientations).
+
+examples:
+  spinifel-mpi evaluate spinifel_out --truth data.h5
+  spinifel-mpi evaluate spinifel_out --pdb 2cex.pdb --no-plots --json
 """
 
 from __future__ import annotations

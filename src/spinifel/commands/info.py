@@ -15,6 +15,10 @@ computed on the clipped and binned detector, over all pixels, masked or not:
   column(s) and in its first/last column at the middle row(s); both middle indices when a
   size is even). For one centred panel this is the resolution of the full ring inscribed
   in the detector.
+
+examples:
+  spinifel-mpi info data.h5
+  spinifel-mpi info data.h5 --clip 8 --binning 1 --json
 """
 
 from __future__ import annotations
