@@ -32,14 +32,10 @@ from spinifel.matching import match_orientations, refine_orientations
 from spinifel.merging.merge import accumulate_normal_equations, ball_support, merge
 from spinifel.parallel.collectives import allreduce_sum, bcast_array
 from spinifel.parallel.context import ParallelContext, collective, on_root
+from spinifel.phasing.algorithms import intensity_from_autocorrelation
 from spinifel.slicing import Slicer
 
 log = logging.getLogger("spinifel")
-
-
-def intensity_from_autocorrelation(ac: np.ndarray) -> np.ndarray:
-    """3D intensity on the centred reciprocal grid (docs/architecture.md), float64."""
-    return np.real(np.fft.fftshift(np.fft.fftn(np.fft.ifftshift(ac))))
 
 
 @dataclass

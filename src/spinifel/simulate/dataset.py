@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 
 from spinifel import __version__
+from spinifel.parallel.context import SerialComm
 from spinifel.errors import ConfigError, OutputError
 from spinifel.geometry import detector as det
 from spinifel.geometry.orientations import (orientation_grid, quaternion_to_matrix,
@@ -71,25 +72,6 @@ log = logging.getLogger("spinifel")
 N_SCALE_ORIENTATIONS = 128
 DEFAULT_BATCH = 128
 DEFAULT_EPS = 1e-6
-
-
-class _SerialComm:
-    """One-rank stand-in for the few communicator calls used here."""
-
-    rank = 0
-    size = 1
-
-    def Get_rank(self) -> int:  # noqa: N802 - mpi4py naming
-        return 0
-
-    def Get_size(self) -> int:  # noqa: N802
-        return 1
-
-    def gather(self, obj: Any, root: int = 0) -> list:
-        return [obj]
-
-    def bcast(self, obj: Any, root: int = 0) -> Any:
-        return obj
 
 
 def image_rng(seed: int, index: int) -> np.random.Generator:
@@ -320,7 +302,7 @@ def simulate_dataset(path: str | os.PathLike, structure: Structure, *, n_images:
         If the output directory does not exist (checked on every rank).
     """
     t0 = time.perf_counter()
-    comm = _SerialComm() if comm is None else comm
+    comm = SerialComm() if comm is None else comm
     rank, size = int(comm.Get_rank()), int(comm.Get_size())
     try:
         _check_params(n_images, n_pixels, photons_per_image, fluence_jitter,
