@@ -102,3 +102,13 @@ def test_config_is_frozen():
     cfg = load_config()
     with pytest.raises(Exception):
         cfg.algorithm.M = 3
+
+
+@pytest.mark.parametrize("name", ["quickstart.toml", "2cex.toml"])
+def test_example_configs_validate(name):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / name
+    cfg = load_config(path)
+    assert cfg.algorithm.M % 2 == 1
+    assert Path(cfg.data.path).is_absolute()

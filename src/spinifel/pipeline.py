@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from spinifel.config import Config
-from spinifel.errors import DatasetError, SpinifelError
+from spinifel.errors import ConfigError, DatasetError, SpinifelError
 from spinifel.geometry.orientations import grid_spacing, orientation_grid, random_quaternions
 from spinifel.io.dataset import inspect_dataset, read_geometry, read_shard, shard_bounds
 from spinifel.matching import match_orientations, refine_orientations
@@ -118,6 +118,7 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
         raise SpinifelError("config key 'data.path': no dataset given (set it in the config or "
                             "with --set data.path=FILE)")
 
+    _select_backends(cfg)
     t_io = time.perf_counter()
     info = collective(comm, inspect_dataset, path)
     n_images = info.n_images if cfg.data.n_images == 0 else min(cfg.data.n_images, info.n_images)
@@ -128,7 +129,7 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
                            "dataset has no orientations")
     mem_est = _memory_estimate(cfg, stop - start, int(geom.mask.sum()))
     if dry_run:
-        plan = {"ranks": size, "n_images": n_images, "images_per_rank": [stop - start],
+        plan = {"ranks": size, "n_images": n_images, "images_per_rank": _all(comm, stop - start),
                 "pixels": int(geom.mask.sum()), "memory_per_rank_bytes": mem_est}
         return plan
     out_dir = on_root(comm, output.prepare_output_dir, cfg.output.dir, overwrite=overwrite)
@@ -275,6 +276,25 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
     if final_eval is not None:
         out["evaluation"] = _summary(final_eval)
     return out
+
+
+def _select_backends(cfg: Config) -> str:
+    """Log the array and NUFFT backends of this run; refuse what this version cannot do.
+
+    This version has the CPU path only: ``runtime.backend = "cupy"`` is an error rather than
+    a silent fall-back, and ``"auto"`` means numpy (logged with the reason).
+    """
+    from spinifel.backend.nufft import available_backends
+
+    if cfg.runtime.backend == "cupy":
+        raise ConfigError("config key 'runtime.backend': 'cupy' is not available in this version "
+                          "(CPU path only); use 'auto' or 'numpy'")
+    nufft, skipped = available_backends(cfg.runtime.nufft_backends, want_gpu=False)
+    log.info("array backend numpy (%s); NUFFT backend %s%s",
+             "runtime.backend = auto: the GPU path is not in this version"
+             if cfg.runtime.backend == "auto" else "runtime.backend = numpy", nufft,
+             "".join(f"; skipped {k}: {v}" for k, v in skipped.items()))
+    return nufft
 
 
 def _all(comm: Any, value: int) -> list[int]:
