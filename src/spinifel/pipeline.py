@@ -47,7 +47,6 @@ class RunState:
     phased_ac: np.ndarray | None = None
     density: np.ndarray | None = None
     support: np.ndarray | None = None
-    orientation_index: np.ndarray | None = None  # local, into the orientation grid
     quaternions: np.ndarray | None = None  # local (n_local, 4)
     metrics: list = field(default_factory=list)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -64,7 +64,6 @@ class MergeResult:
     residual_norms: list[float]
     solution_norms: list[float]
     cg_iterations: list[int]
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 def accumulate_normal_equations(comm: Any, images: np.ndarray, quaternions: np.ndarray,
