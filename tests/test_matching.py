@@ -117,3 +117,12 @@ def test_matching_independent_of_rank_count():
     mine = match_orientations(images[a:b], _batches(slices, 64), scale_per_image=True)
     every = np.concatenate(comm.allgather(mine.best_index))
     assert np.array_equal(every, ref.best_index)
+
+
+def test_sqrt_transform_brute_force(rng):
+    images = rng.uniform(0, 4, (30, 12))
+    slices = rng.uniform(-0.1, 4, (50, 12))  # negative model values are clipped to 0
+    ref = ((np.sqrt(images)[:, None, :] - np.sqrt(np.maximum(slices, 0))[None]) ** 2).sum(-1)
+    st = match_orientations(images, _batches(slices, 16), transform="sqrt")
+    assert np.array_equal(st.best_index, ref.argmin(1))
+    assert np.allclose(st.best_dist, ref.min(1), rtol=1e-10, atol=1e-12)

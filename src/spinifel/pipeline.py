@@ -183,13 +183,14 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
             slicer = Slicer(state.phased_ac, positions[:, sel], extent, a.nufft_eps_slicing, real,
                             threads)
             match = match_orientations(m_images, _timed_batches(slicer, grid, a.orientation_batch, timings),
-                                       a.scale_per_image, a.image_batch)
+                                       a.scale_per_image, a.image_batch, a.match_transform)
             timings["matching"] = time.perf_counter() - t - timings.get("slicing", 0.0)
             quats = grid[match.best_index]
             if a.refine_rounds > 0 and g >= a.generations - a.refine_generations:
                 t = time.perf_counter()
                 quats, _ = refine_orientations(m_images, quats, slicer, 0.5 * grid_spacing(a.n_orientations),
-                                               a.refine_rounds, a.scale_per_image)
+                                               a.refine_rounds, a.scale_per_image,
+                                               transform=a.match_transform)
                 timings["refinement"] = time.perf_counter() - t
             if prev_index is not None:
                 n_changed = np.array([float(np.count_nonzero(match.best_index != prev_index))])
