@@ -1,0 +1,167 @@
+"""Per-stage benchmark with the limit of each stage measured in the same run.
+
+For every stage the time of our implementation is put next to the time of the bare
+library operation it is built on, on the same shapes and points:
+
+==========  =========================================  ==========================================
+stage       ours                                       limit measured in the same run
+==========  =========================================  ==========================================
+slicing     ``Slicer`` over the orientation grid       one finufft type-2 plan, all points at once
+matching    ``match_orientations`` (slices given)      the bare float GEMMs of the same shapes
+merge NUFFT ``accumulate_normal_equations``            bare type-1 plans onto M^3 and (2M)^3
+CG          time per iteration of the sweep            one rfftn + irfftn pair on (2M)^3
+phasing     time per ER/HIO iteration                  one rfftn + irfftn pair on M^3
+==========  =========================================  ==========================================
+
+``fraction`` = limit time / our time (1.0 = at the limit). Data are synthetic model
+slices of a random compact density at random orientations (the timings do not depend on
+the content except through CG iteration counts).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import scipy.fft
+
+from spinifel.backend.nufft import Type1, Type2
+from spinifel.geometry.orientations import orientation_grid, random_quaternions
+from spinifel.matching import match_orientations
+from spinifel.merging.merge import accumulate_normal_equations, ball_support, merge
+from spinifel.slicing import Slicer, rotated_points
+
+
+def _clock(fn, repeat: int = 1) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _fft_pair(n: int, workers: int) -> float:
+    x = np.random.default_rng(0).standard_normal((n, n, n))
+
+    def pair():
+        scipy.fft.irfftn(scipy.fft.rfftn(x, workers=workers), s=x.shape, workers=workers)
+
+    pair()
+    return _clock(pair, 3)
+
+
+def synthetic_problem(M: int, n_pixels: int, n_images: int, seed: int, dtype) -> dict:
+    """A random compact density's autocorrelation, a flat detector and exact model images."""
+    from spinifel.geometry.detector import flat_detector_positions, photon_energy_to_wavelength
+
+    rng = np.random.default_rng(seed)
+    idx = np.indices((M, M, M)) - (M - 1) / 2
+    rho = np.zeros((M, M, M))
+    for c in rng.uniform(-M / 8, M / 8, (12, 3)):
+        rho += np.exp(-((idx - c[:, None, None, None]) ** 2).sum(0) / 2.0)
+    ac = np.real(np.fft.fftshift(np.fft.ifftn(np.abs(np.fft.fftn(np.fft.ifftshift(rho))) ** 2)))
+    pos = flat_detector_positions(n_pixels, 1.5e-3 * 64 / n_pixels, 0.2,
+                                  photon_energy_to_wavelength(6000.0)).reshape(-1, 3).T
+    extent = float(np.linalg.norm(pos, axis=0).max())
+    q = random_quaternions(n_images, rng)
+    images = Slicer(ac, pos, extent, 1e-6, dtype).slices(q)
+    return {"ac": ac, "positions": pos, "extent": extent, "quaternions": q, "images": images}
+
+
+def run_bench(comm: Any, *, images_per_rank: int, n_pixels: int, M: int, n_orientations: int,
+              precision: str = "single", threads: int = 1, orientation_batch: int = 500,
+              seed: int = 0) -> dict:
+    """Time every stage and its limit on this rank's synthetic data (collective over ``comm``)."""
+    dtype = np.float32 if precision == "single" else np.float64
+    rank = comm.Get_rank()
+    prob = synthetic_problem(M, n_pixels, images_per_rank, seed + rank, dtype)
+    ac, pos, extent = prob["ac"], prob["positions"], prob["extent"]
+    images, quats = prob["images"], prob["quaternions"]
+    grid = orientation_grid(n_orientations)
+    P = pos.shape[1]
+    out: dict[str, dict] = {}
+
+    # slicing
+    slicer = Slicer(ac, pos, extent, 1e-4, dtype, threads)
+    batches: list = []
+    t_ours = _clock(lambda: batches.__setitem__(slice(None), list(slicer.iter_batches(grid, orientation_batch))))
+    raw = Type2((M, M, M), 1e-4, dtype, threads)
+    pts = rotated_points(grid, pos, extent, dtype)
+    modes = ac.astype(raw.complex_dtype)
+
+    def raw_slice():
+        raw.setpts(pts)
+        raw.execute(modes)
+
+    t_lim = _clock(raw_slice)
+    n_pts = len(grid) * P
+    out["slicing"] = {"seconds": t_ours, "limit_seconds": t_lim, "rate": n_pts / t_ours,
+                      "unit": "points/s"}
+
+    # matching (slices already computed)
+    t_ours = _clock(lambda: match_orientations(images, iter(batches), True, 4096, "sqrt"))
+    sq = [(o, np.sqrt(np.maximum(b, 0))) for o, b in batches]
+    img_s = np.sqrt(np.maximum(images, 0))
+    t_lim = _clock(lambda: [img_s @ b.T for _, b in sq])
+    flops = 2.0 * len(images) * len(grid) * P
+    out["matching"] = {"seconds": t_ours, "limit_seconds": t_lim, "rate": flops / t_ours / 1e9,
+                       "unit": "GFLOP/s", "limit_rate": flops / t_lim / 1e9}
+
+    # merge NUFFTs (type 1 onto M^3 and (2M)^3)
+    timings: dict = {}
+    eq = [None]
+    t_ours = _clock(lambda: eq.__setitem__(0, accumulate_normal_equations(
+        comm, images, quats, pos, extent, M, None, 1e-6, threads, 1024, timings)))
+    mpts = rotated_points(quats, pos, extent, np.float64)
+    vals = np.asarray(images, dtype=np.float64).ravel()
+
+    def raw_type1():
+        for n in (M, 2 * M):
+            p = Type1((n, n, n), 1e-6, np.float64, threads)
+            p.setpts(mpts)
+            p.execute(vals)
+
+    t_lim = _clock(raw_type1)
+    out["merge_nufft"] = {"seconds": timings["merge_nufft"], "limit_seconds": t_lim,
+                          "rate": 2 * mpts.shape[1] / timings["merge_nufft"], "unit": "points/s"}
+    out["merge_allreduce"] = {"seconds": timings["merge_allreduce"], "limit_seconds": None,
+                              "bytes": 8 * ((2 * M) ** 3 + M ** 3 + 2)}
+
+    # CG: time per iteration vs one FFT pair on (2M)^3
+    z = np.zeros((M, M, M))
+    mt: dict = {}
+    res = merge(comm, eq[0], lambdas_rel=[1e-2], x0=z, x_init=z, support=ball_support(M),
+                max_iter=30, tol=1e-12, nthreads=threads, timings=mt)
+    its = max(res.cg_iterations[0], 1)
+    per_it = mt["merge_cg"] / (its + 1)  # + the residual evaluation after CG
+    out["cg_iteration"] = {"seconds": per_it, "limit_seconds": _fft_pair(2 * M, threads),
+                           "iterations": its}
+
+    # phasing: time per iteration vs one FFT pair on M^3
+    from spinifel.phasing.phase import phase
+
+    n_it = 2 * (10 + 10 + 10) + 10
+    t_ph = _clock(lambda: phase(res.autocorrelation.astype(dtype), n_loops=2, n_er=10, n_hio=10,
+                                beta=0.3, sw_sigma=1.0, sw_threshold=0.1, n_final_er=10,
+                                rng=np.random.default_rng(0)))
+    out["phasing_iteration"] = {"seconds": t_ph / n_it,
+                                "limit_seconds": _fft_pair(M, threads)}
+    for v in out.values():
+        if v.get("limit_seconds"):
+            v["fraction_of_limit"] = v["limit_seconds"] / v["seconds"]
+    return out
+
+
+def format_table(results: dict, header: str) -> str:
+    lines = [header, f"{'stage':<18}{'seconds':>10}{'limit s':>10}{'fraction':>10}  rate"]
+    for name, v in results.items():
+        lim = v.get("limit_seconds")
+        frac = v.get("fraction_of_limit")
+        rate = f"{v['rate']:.3g} {v['unit']}" if "rate" in v else ""
+        if "limit_rate" in v:
+            rate += f" (limit {v['limit_rate']:.3g})"
+        lines.append(f"{name:<18}{v['seconds']:>10.4f}{(lim if lim else float('nan')):>10.4f}"
+                     f"{(frac if frac else float('nan')):>10.2f}  {rate}")
+    return "\n".join(lines)
