@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,8 +97,32 @@ def _phase_on_root(cfg: Config, ac: np.ndarray, state: RunState, generation: int
                  fourier_mask=fourier_mask)
 
 
+class InjectedFault(RuntimeError):
+    """Raised by the fault-injection hook (tests only; off unless the variable is set)."""
+
+
+FAULT_VARIABLE = "SPINIFEL_FAULT_AFTER_GENERATION"
+
+
+def _maybe_inject_fault(generation: int, rank: int) -> None:
+    """Fault injection for tests: ``SPINIFEL_FAULT_AFTER_GENERATION=G[:RANK[:kill]]``.
+
+    After generation ``G`` (its checkpoint written), rank ``RANK`` (default 0) raises
+    :class:`InjectedFault`, or with ``kill`` dies at once with SIGKILL.
+    """
+    spec = os.environ.get(FAULT_VARIABLE)
+    if not spec:
+        return
+    parts = spec.split(":")
+    if int(parts[0]) != generation or (len(parts) > 1 and int(parts[1]) != rank):
+        return
+    if len(parts) > 2 and parts[2] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise InjectedFault(f"injected fault after generation {generation} on rank {rank}")
+
+
 def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
-                 dry_run: bool = False) -> dict:
+                 dry_run: bool = False, resume: bool = False) -> dict:
     """Reconstruct the dataset named in ``cfg`` (collective over ``ctx.comm``).
 
     Returns
@@ -131,7 +157,8 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
         plan = {"ranks": size, "n_images": n_images, "images_per_rank": _all(comm, stop - start),
                 "pixels": int(geom.mask.sum()), "memory_per_rank_bytes": mem_est}
         return plan
-    out_dir = on_root(comm, output.prepare_output_dir, cfg.output.dir, overwrite=overwrite)
+    out_dir = on_root(comm, output.prepare_output_dir, cfg.output.dir, overwrite=overwrite,
+                      resume=resume)
     shard = collective(comm, read_shard, path, start, stop, cfg.detector.clip, cfg.detector.binning,
                        cfg.data.negative, geom)
     t_io = time.perf_counter() - t_io
@@ -167,13 +194,32 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
         rng0 = np.random.default_rng([cfg.runtime.seed, 0, 3])
         quats = random_quaternions(n_images, rng0)[start:stop]
 
+    from spinifel.io import checkpoint
+
+    fp = checkpoint.fingerprint(cfg, n_images, geom.shape)
     state = RunState()
     metrics: list[dict] = []
     zeros = np.zeros((M, M, M))
     prev_index = None
+    first = 0
+    if resume:
+        ck = on_root(comm, checkpoint.read_checkpoint, out_dir, fp)
+        first = ck["generation"] + 1
+        state = RunState(generation=ck["generation"], merged_ac=ck["merged_ac"],
+                         phased_ac=ck["phased_ac"], density=ck["density"],
+                         support=ck["support"].astype(bool))
+        quats = ck["orientations"][start:stop]
+        if ck["match_index"] is not None:
+            prev_index = ck["match_index"][start:stop]
+        if first >= a.generations:
+            raise SpinifelError(f"{out_dir}: nothing to do, the checkpoint is already at the "
+                                f"last generation ({a.generations})")
+        old = on_root(comm, _read_metrics, out_dir)
+        metrics = [m for m in old if m.get("generation", -1) < first]
+        log.info("resuming from %s after generation %d", Path(out_dir) / checkpoint.NAME, first - 1)
     t_run = time.perf_counter()
     final_eval = None
-    for g in range(a.generations):
+    for g in range(first, a.generations):
         timings: dict[str, float] = {}
         changed = float("nan")
         if g > 0 and not a.use_true_orientations:
@@ -266,6 +312,16 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
                                            "voxel_size_angstrom": voxel_A,
                                            "n_orientations": a.n_orientations,
                                            "grid_spacing_deg": spacing_deg})
+        all_idx = None
+        if prev_index is not None:
+            all_idx = comm.gather(prev_index, root=0) if size > 1 else [prev_index]
+        if rank == 0:
+            checkpoint.write_checkpoint(
+                out_dir, generation=g, fingerprint=fp, config_toml=cfg.to_toml(),
+                merged_ac=res.autocorrelation, phased_ac=phased, density=density,
+                support=dsupport.astype(np.uint8), orientations=orientations,
+                match_index=None if all_idx is None else np.concatenate(all_idx))
+        _maybe_inject_fault(g, rank)
         _log_generation(g, a.generations, entry, time.perf_counter() - t_run)
         if g > 0 and a.orientation_change_tol > 0 and a.density_change_tol > 0:
             if changed < a.orientation_change_tol and density_change < a.density_change_tol:
@@ -295,6 +351,18 @@ def _select_backends(cfg: Config) -> str:
              if cfg.runtime.backend == "auto" else "runtime.backend = numpy", nufft,
              "".join(f"; skipped {k}: {v}" for k, v in skipped.items()))
     return nufft
+
+
+def _read_metrics(out_dir: Any) -> list:
+    import json
+
+    p = Path(out_dir) / "metrics.json"
+    if not p.is_file():
+        return []
+    try:
+        return list(json.loads(p.read_text()).get("generations", []))
+    except (ValueError, OSError):
+        return []
 
 
 def _all(comm: Any, value: int) -> list[int]:

@@ -25,6 +25,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="output directory (same as --set output.dir=DIR)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a previous result in the output directory")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from OUT/checkpoint.h5 (same dataset and [algorithm]; "
+                        "any number of ranks)")
     parser.add_argument("--dry-run", action="store_true",
                         help="check config and dataset, print the plan, reconstruct nothing")
 
@@ -51,7 +54,7 @@ def main(args: argparse.Namespace) -> int:
         if ctx.is_root:
             print(json.dumps(plan, indent=2))
         return 0
-    summary = run_pipeline(cfg, ctx, overwrite=args.overwrite)
+    summary = run_pipeline(cfg, ctx, overwrite=args.overwrite, resume=args.resume)
     if ctx.is_root:
         log.info("done: %d generations, results in %s", summary["generations"], summary["out_dir"])
         ev = summary.get("evaluation")

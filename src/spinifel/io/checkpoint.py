@@ -1,0 +1,78 @@
+"""Checkpoints: everything needed to continue a run, in HDF5 (never pickle).
+
+Rank 0 writes ``OUT/checkpoint.h5`` atomically after every generation. Loading it runs no
+code: it holds only numeric arrays and text. There is no RNG state to store: every random
+choice derives from ``runtime.seed`` and the generation number (see pipeline.py).
+
+A checkpoint carries a fingerprint of the dataset's shape and of the config's
+``[algorithm]``, ``[detector]`` and ``[runtime].seed`` / precision settings; a run with a
+different fingerprint refuses to resume from it. The number of ranks may differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from spinifel.errors import CheckpointError
+from spinifel.io.output import atomic_write
+
+NAME = "checkpoint.h5"
+_ARRAYS = ("merged_ac", "phased_ac", "density", "support", "orientations", "match_index")
+
+
+def fingerprint(cfg: Any, n_images: int, detector_shape: tuple) -> str:
+    """SHA-256 of what must match for a checkpoint to be valid for this run."""
+    d = cfg.to_dict()
+    key = {"algorithm": d["algorithm"], "detector": d["detector"],
+           "seed": d["runtime"]["seed"], "precision": d["runtime"]["precision"],
+           "n_images": int(n_images), "detector_shape": [int(x) for x in detector_shape]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def write_checkpoint(out_dir: str | Path, *, generation: int, fingerprint: str, config_toml: str,
+                     **arrays: np.ndarray | None) -> Path:
+    """Write ``OUT/checkpoint.h5`` (rank 0). ``arrays``: the names in ``_ARRAYS`` (None = absent)."""
+    unknown = set(arrays) - set(_ARRAYS)
+    if unknown:
+        raise ValueError(f"unknown checkpoint arrays: {sorted(unknown)}")
+
+    def write(tmp: Path) -> None:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["generation"] = int(generation)
+            f.attrs["fingerprint"] = fingerprint
+            f.attrs["config"] = config_toml
+            for name, a in arrays.items():
+                if a is not None:
+                    f.create_dataset(name, data=np.asarray(a))
+
+    return atomic_write(Path(out_dir) / NAME, write)
+
+
+def read_checkpoint(out_dir: str | Path, expected_fingerprint: str) -> dict:
+    """Read and validate ``OUT/checkpoint.h5``; CheckpointError with one line otherwise."""
+    path = Path(out_dir) / NAME
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no checkpoint to resume from")
+    try:
+        with h5py.File(path, "r") as f:
+            fp = f.attrs.get("fingerprint")
+            if isinstance(fp, bytes):
+                fp = fp.decode()
+            if fp != expected_fingerprint:
+                raise CheckpointError(
+                    f"{path}: written for another dataset shape or [algorithm]/[detector]/seed "
+                    "settings; refusing to resume (start a new run or restore that config)")
+            out = {"generation": int(f.attrs["generation"])}
+            for name in _ARRAYS:
+                out[name] = f[name][()] if name in f else None
+    except OSError as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({e})") from None
+    except KeyError as e:
+        raise CheckpointError(f"{path}: incomplete checkpoint (missing {e})") from None
+    return out
