@@ -305,6 +305,8 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
                                     write_mrc=cfg.output.mrc)
                 timings["output"] = time.perf_counter() - t
         timings["io_read"] = t_io if g == 0 else 0.0
+        # Peak resident memory of every rank so far (MiB): flat over generations = no leak.
+        entry["peak_rss_mib"] = _all(comm, _peak_rss_mib())
         metrics.append(entry)
         if rank == 0:
             output.write_metrics(out_dir, {"generations": metrics, "n_ranks": size,
@@ -351,6 +353,15 @@ def _select_backends(cfg: Config) -> str:
              if cfg.runtime.backend == "auto" else "runtime.backend = numpy", nufft,
              "".join(f"; skipped {k}: {v}" for k, v in skipped.items()))
     return nufft
+
+
+def _peak_rss_mib() -> float:
+    """Peak resident set size of this process in MiB (Linux ``ru_maxrss`` is in KiB)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return float(peak) / (1024.0 * 1024.0 if sys.platform == "darwin" else 1024.0)
 
 
 def _read_metrics(out_dir: Any) -> list:
