@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from spinifel.simulate.dataset import simulate_dataset
 from spinifel.simulate.structure import builtin_molecule
 
@@ -15,7 +17,7 @@ def test_peak_rss_flat_over_generations(tmp_path):
     simulate_dataset(data, builtin_molecule(seed=2, n_atoms=300), n_images=300, n_pixels=16,
                      pixel_size_m=6e-3, M=41, seed=0)
     out = tmp_path / "out"
-    sets = {"algorithm.M": 41, "algorithm.generations": 12, "algorithm.n_orientations": 300,
+    sets = {"algorithm.M": 41, "algorithm.generations": 20, "algorithm.n_orientations": 300,
             "algorithm.n_phase_loops": 1, "algorithm.n_er": 5, "algorithm.n_hio": 5,
             "algorithm.n_final_er": 5, "algorithm.refine_generations": 0,
             "algorithm.lambdas": [1e-2], "algorithm.cg_max_iter": 10, "output.mrc": False}
@@ -29,6 +31,7 @@ def test_peak_rss_flat_over_generations(tmp_path):
     peaks = [g["peak_rss_mib"][0] for g in gens]
     print("peak RSS per generation (MiB):", peaks)
     # After the first generations have touched every buffer (allocator warm-up), the peak
-    # must not creep up: a leak of one M^3 float64 grid per generation (0.5 MiB) would add
-    # 3 MiB over these 6 generations. Measured: +1.3 MiB, all of it in the last generation.
-    assert max(peaks[5:]) - peaks[5] < 2.0
+    # must not creep up. A leak of one M^3 float64 grid per generation would be a slope of
+    # 0.53 MiB/generation; the allocator's occasional 0.5 MiB steps give < 0.1 over 14.
+    slope = np.polyfit(np.arange(6, len(peaks)), peaks[6:], 1)[0]
+    assert slope < 0.25, slope
