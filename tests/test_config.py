@@ -100,7 +100,9 @@ def test_relative_paths_follow_config_file(tmp_path):
 
 def test_config_is_frozen():
     cfg = load_config()
-    with pytest.raises(Exception):
+    from dataclasses import FrozenInstanceError
+
+    with pytest.raises(FrozenInstanceError):
         cfg.algorithm.M = 3
 
 

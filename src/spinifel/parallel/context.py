@@ -158,7 +158,6 @@ def agree_on_errors(comm: Any, error: BaseException | None) -> None:
     The lowest rank's error is re-raised everywhere, marked ``collective = True`` so the
     command line exits cleanly with code 2 on all ranks instead of aborting.
     """
-    from spinifel.errors import SpinifelError
 
     payload = None if error is None else (type(error).__name__, str(error))
     everyone = comm.allgather(payload) if comm.Get_size() > 1 else [payload]
