@@ -19,3 +19,23 @@ def test_bench_small_case(tmp_path, capsys):
         assert r[stage]["seconds"] > 0 and r[stage]["limit_seconds"] > 0
         assert r[stage]["fraction_of_limit"] > 0
     assert r["matching"]["unit"] == "GFLOP/s"
+
+
+def test_weak_scaling_example_runs(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if not (Path(sys.executable).parent / "mpiexec").exists():
+        import pytest
+
+        pytest.skip("no mpiexec beside this python")
+    r = subprocess.run([sys.executable, str(root / "examples" / "weak_scaling.py"), "--max-ranks", "2",
+                        "--images-per-rank", "20", "--pixels", "12", "--M", "15",
+                        "--orientations", "100", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads((tmp_path / "weak_scaling.json").read_text())
+    assert set(data) == {"1", "2"}
+    assert (tmp_path / "weak_scaling.png").stat().st_size > 1000
