@@ -114,3 +114,12 @@ def test_killed_rank_ends_job_and_resume_matches(data, tmp_path):
     # a finished run has nothing left to resume: one clear line, exit 2
     r4, _ = _mpirun(1, data, cut, extra=["--resume"])
     assert r4.returncode == 2 and "nothing to do" in r4.stderr
+
+
+def test_same_seed_same_ranks_is_bitwise_identical(data, tmp_path):
+    ctx = ParallelContext.serial()
+    run_pipeline(_cfg(data, tmp_path / "a"), ctx)
+    run_pipeline(_cfg(data, tmp_path / "b"), ctx)
+    a, b = _result(tmp_path / "a"), _result(tmp_path / "b")
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
