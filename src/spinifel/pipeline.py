@@ -203,6 +203,10 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
     prev_index = None
     first = 0
     if resume:
+        if rank == 0:
+            # temporaries of a run killed mid-write (never under a final name)
+            for stale in Path(out_dir).glob(".*.tmp-*"):
+                stale.unlink(missing_ok=True)
         ck = on_root(comm, checkpoint.read_checkpoint, out_dir, fp)
         first = ck["generation"] + 1
         state = RunState(generation=ck["generation"], merged_ac=ck["merged_ac"],
