@@ -114,3 +114,11 @@ def test_example_configs_validate(name):
     cfg = load_config(path)
     assert cfg.algorithm.M % 2 == 1
     assert Path(cfg.data.path).is_absolute()
+
+
+def test_config_reference_doc_is_current():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    body = doc.split("```toml\n", 1)[1].rsplit("```", 1)[0]
+    assert body == defaults_text(), "docs/config.md is stale: regenerate it from defaults.toml"

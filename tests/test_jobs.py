@@ -52,3 +52,25 @@ def test_launch_line_dry_run(script, tmp_path, rng):
     assert r.returncode == 0, r.stderr[-2000:]
     assert '"n_images": 6' in r.stdout
     assert (tmp_path / "out" / "environment.txt").exists()
+
+
+EXAMPLES = sorted((ROOT / "examples").glob("*.toml"))
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_launch_line_dry_run(example, tmp_path, rng):
+    """The `spinifel-mpi run` line written at the top of each example validates (--dry-run)."""
+    import shlex
+
+    lines = [line.lstrip("# ").strip() for line in example.read_text().splitlines()
+             if "spinifel-mpi run" in line]
+    assert lines, f"{example.name} has no launch line"
+    argv = shlex.split(lines[0])
+    argv = argv[argv.index(next(a for a in argv if a.endswith("spinifel-mpi"))) + 1:]
+    data = tmp_path / "d.h5"
+    write_dataset(data, n_images=6, rng=rng)
+    argv = [a if not a.startswith("data.path=") else f"data.path={data}" for a in argv]
+    r = subprocess.run([str(BIN / "spinifel-mpi"), *argv, "--dry-run"], capture_output=True,
+                       text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert '"n_images": 6' in r.stdout
