@@ -34,3 +34,32 @@ def test_peak_rss_flat_over_generations(tmp_path):
     # 0.53 MiB/generation; the allocator's occasional 0.5 MiB steps give < 0.1 over 14.
     slope = np.polyfit(np.arange(6, len(peaks)), peaks[6:], 1)[0]
     assert slope < 0.25, slope
+
+
+_MATCH_SCRIPT = """
+import resource, sys
+import numpy as np
+from spinifel.bench import synthetic_problem
+from spinifel.geometry.orientations import orientation_grid
+from spinifel.matching import match_orientations
+from spinifel.slicing import Slicer
+K = int(sys.argv[1])
+p = synthetic_problem(31, 32, 400, 0, np.float32)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+sl = Slicer(p["ac"], p["positions"], p["extent"], 1e-4, np.float32)
+match_orientations(p["images"], sl.iter_batches(orientation_grid(K), 500), True, 4096, "sqrt")
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024.0)
+"""
+
+
+def test_matching_memory_does_not_grow_with_orientations():
+    """Peak memory of slicing + matching is set by the batch sizes, not by N_orientations."""
+    growth = {}
+    for k in (2000, 20000):
+        r = subprocess.run([sys.executable, "-c", _MATCH_SCRIPT, str(k)], capture_output=True,
+                           text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert r.returncode == 0, r.stderr[-2000:]
+        growth[k] = float(r.stdout.strip().splitlines()[-1])
+    print("peak RSS growth during matching (MiB):", growth)
+    # 10x the orientations: all slices at once would need 20000 x 1024 x 4 B = 78 MiB more.
+    assert growth[20000] - growth[2000] < 10.0
