@@ -126,3 +126,47 @@ def test_sqrt_transform_brute_force(rng):
     st = match_orientations(images, _batches(slices, 16), transform="sqrt")
     assert np.array_equal(st.best_index, ref.argmin(1))
     assert np.allclose(st.best_dist, ref.min(1), rtol=1e-10, atol=1e-12)
+
+
+def test_distributed_equals_replicated_serial(rng):
+    from spinifel.matching import match_distributed
+    from spinifel.parallel.context import SerialComm
+
+    M = 15
+    idx = np.indices((M, M, M)) - (M - 1) / 2
+    x = np.zeros((M, M, M))
+    for c in np.random.default_rng(4).uniform(-3, 3, (8, 3)):
+        x += np.exp(-((idx - c[:, None, None, None]) ** 2).sum(0) / 0.8)
+    ac = np.real(np.fft.fftshift(np.fft.ifftn(np.abs(np.fft.fftn(np.fft.ifftshift(x))) ** 2)))
+    g = np.linspace(-1, 1, 10)
+    gx, gy = np.meshgrid(g, g, indexing="ij")
+    s = np.stack([gx.ravel(), gy.ravel(), 0.3 * (gx.ravel() ** 2 + gy.ravel() ** 2)]) * 1e9
+    slicer = Slicer(ac, s, np.linalg.norm(s, axis=0).max(), eps=1e-6)
+    grid = orientation_grid(400)
+    images = slicer.slices(grid[rng.choice(400, 30)]) * rng.uniform(0.5, 2, (30, 1)).astype(np.float32)
+    ref = match_orientations(images, slicer.iter_batches(grid, 64), True, 4096, "sqrt")
+    got = match_distributed(SerialComm(), images, slicer, grid, 64, True, 4096, "sqrt")
+    assert np.array_equal(ref.best_index, got.best_index)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_distributed_equals_replicated_two_ranks():
+    from mpi4py import MPI
+
+    from spinifel.matching import match_distributed
+    from spinifel.parallel.partition import block_range
+
+    comm = MPI.COMM_WORLD
+    rng = np.random.default_rng(9)
+    M = 15
+    x = rng.uniform(0, 1, (M, M, M))
+    ac = np.real(np.fft.fftshift(np.fft.ifftn(np.abs(np.fft.fftn(np.fft.ifftshift(x))) ** 2)))
+    s = rng.uniform(-1, 1, (3, 60)) * 1e9
+    slicer = Slicer(ac, s, np.linalg.norm(s, axis=0).max(), eps=1e-6)
+    grid = orientation_grid(333)
+    images = np.abs(rng.standard_normal((41, 60))).astype(np.float32) * 1e3
+    a, b = block_range(len(images), comm.Get_size(), comm.Get_rank())
+    ref = match_orientations(images, slicer.iter_batches(grid, 50), True, 4096, "sqrt")
+    got = match_distributed(comm, images[a:b], slicer, grid, 50, True, 4096, "sqrt")
+    assert np.array_equal(got.best_index, ref.best_index[a:b])
+    assert np.allclose(got.best_dist, ref.best_dist[a:b], rtol=1e-6)

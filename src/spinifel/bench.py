@@ -109,6 +109,16 @@ def run_bench(comm: Any, *, images_per_rank: int, n_pixels: int, M: int, n_orien
     out["matching"] = {"seconds": t_ours, "limit_seconds": t_lim, "rate": flops / t_ours / 1e9,
                        "unit": "GFLOP/s", "limit_rate": flops / t_lim / 1e9}
 
+    # ring-distributed matching (slicing 1/R of the grid + the ring) vs replicated
+    from spinifel.matching import match_distributed
+
+    comm.Barrier()
+    t_dist = _clock(lambda: match_distributed(comm, images, slicer, grid, orientation_batch, True,
+                                              4096, "sqrt"))
+    out["matching_distributed"] = {
+        "seconds": t_dist, "limit_seconds": None,
+        "replicated_seconds": out["slicing"]["seconds"] + out["matching"]["seconds"]}
+
     # merge NUFFTs (type 1 onto M^3 and (2M)^3)
     timings: dict = {}
     eq = [None]

@@ -84,6 +84,7 @@ class AlgorithmConfig:
     orientation_batch: int
     image_batch: int
     scale_per_image: bool
+    matching_mode: str
     match_transform: str
     match_resolution_start: float
     match_resolution_ramp: int
@@ -117,6 +118,8 @@ class AlgorithmConfig:
         _check(self.orientation_batch >= 1, a + "orientation_batch",
                f"must be >= 1, got {self.orientation_batch}")
         _check(self.image_batch >= 1, a + "image_batch", f"must be >= 1, got {self.image_batch}")
+        _check(self.matching_mode in ("replicated", "distributed"), a + "matching_mode",
+               f"must be 'replicated' or 'distributed', got {self.matching_mode!r}")
         _check(self.match_transform in ("none", "sqrt"), a + "match_transform",
                f"must be 'none' or 'sqrt', got {self.match_transform!r}")
         _check(0 < self.match_resolution_start <= 1, a + "match_resolution_start",

@@ -91,9 +91,13 @@ def update_matches(state: MatchState, images: np.ndarray, image_sq: np.ndarray, 
             rows = np.arange(b - a)
             dist = image_sq[a:b] + part[rows, idx]
             scale = np.ones(b - a)
-        better = dist < state.best_dist[a:b]
+        # ties go to the lower orientation index, so the order in which batches arrive
+        # (replicated or ring-distributed matching) cannot change the result
+        gidx = idx + offset
+        better = (dist < state.best_dist[a:b]) | (
+            (dist == state.best_dist[a:b]) & (gidx < state.best_index[a:b]))
         sl = np.arange(a, b)[better]
-        state.best_index[sl] = idx[better] + offset
+        state.best_index[sl] = gidx[better]
         state.best_dist[sl] = dist[better]
         state.best_scale[sl] = scale[better]
 
@@ -201,3 +205,51 @@ def refine_orientations(images: np.ndarray, quaternions: np.ndarray, slicer, ste
             q[a:b] = cand.reshape(b - a, k, 4)[rows, best]
             dist[a:b] = d[rows, best]
     return canonical(q), dist
+
+
+def match_distributed(comm, images: np.ndarray, slicer, grid: np.ndarray, batch: int,
+                      scale_per_image: bool = False, image_batch: int = 4096,
+                      transform: str = "none", timings: dict | None = None) -> MatchState:
+    """Ring-distributed matching: each rank slices only its share of the orientation grid.
+
+    Rank ``r`` models the contiguous block ``block_range(K, R, r)`` of the grid once and
+    keeps those slices (memory ``K P / R``). The image blocks then travel around the ring
+    of ranks together with their running best match; after ``R`` steps every image has met
+    every orientation and its state is sent home. The result equals
+    :func:`match_orientations` over the whole grid (ties go to the lower index in both).
+    Communication per rank: ``R - 1`` image blocks plus their states.
+
+    Parameters
+    ----------
+    comm : communicator
+        Collective: every rank calls this (``sendrecv``, ``Get_rank``, ``Get_size``).
+    images : ndarray (n_local, P)
+        This rank's images (untransformed).
+    slicer : spinifel.slicing.Slicer
+        Model at the same pixels as ``images``.
+    grid : ndarray (K, 4)
+        The whole orientation grid (identical on every rank).
+    """
+    import time
+
+    from spinifel.parallel.partition import block_range
+
+    rank, size = comm.Get_rank(), comm.Get_size()
+    a, b = block_range(len(grid), size, rank)
+    t = time.perf_counter()
+    mine = [(a + o, apply_transform(sl, transform)) for o, sl in slicer.iter_batches(grid[a:b], batch)]
+    if timings is not None:
+        timings["slicing"] = timings.get("slicing", 0.0) + time.perf_counter() - t
+    block = np.ascontiguousarray(apply_transform(images, transform))
+    state = MatchState.empty(block.shape[0])
+    right, left = (rank + 1) % size, (rank - 1) % size
+    for step in range(size):
+        sq = np.einsum("np,np->n", block, block, dtype=np.float64)
+        for offset, sl in mine:
+            update_matches(state, block, sq, sl, offset, scale_per_image, image_batch)
+        if step < size - 1:
+            block, state = comm.sendrecv((block, state), dest=right, source=left)
+    # After size - 1 shifts this rank holds the block of rank + 1: send each state home.
+    if size > 1:
+        state = comm.sendrecv(state, dest=right, source=left)
+    return state

@@ -30,7 +30,7 @@ from spinifel.config import Config
 from spinifel.errors import ConfigError, DatasetError, SpinifelError
 from spinifel.geometry.orientations import grid_spacing, orientation_grid, random_quaternions
 from spinifel.io.dataset import inspect_dataset, read_geometry, read_shard, shard_bounds
-from spinifel.matching import match_orientations, refine_orientations
+from spinifel.matching import match_distributed, match_orientations, refine_orientations
 from spinifel.merging.merge import accumulate_normal_equations, ball_support, merge
 from spinifel.parallel.collectives import allreduce_sum, bcast_array
 from spinifel.parallel.context import ParallelContext, collective, on_root
@@ -232,8 +232,13 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
             m_images = images if sel.all() else np.ascontiguousarray(images[:, sel])
             slicer = Slicer(state.phased_ac, positions[:, sel], extent, a.nufft_eps_slicing, real,
                             threads)
-            match = match_orientations(m_images, _timed_batches(slicer, grid, a.orientation_batch, timings),
-                                       a.scale_per_image, a.image_batch, a.match_transform)
+            if a.matching_mode == "distributed":
+                match = match_distributed(comm, m_images, slicer, grid, a.orientation_batch,
+                                          a.scale_per_image, a.image_batch, a.match_transform,
+                                          timings)
+            else:
+                match = match_orientations(m_images, _timed_batches(slicer, grid, a.orientation_batch, timings),
+                                           a.scale_per_image, a.image_batch, a.match_transform)
             timings["matching"] = time.perf_counter() - t - timings.get("slicing", 0.0)
             quats = grid[match.best_index]
             if a.refine_rounds > 0 and g >= a.generations - a.refine_generations:
