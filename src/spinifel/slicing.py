@@ -35,11 +35,23 @@ def rotated_points(quaternions: np.ndarray, positions: np.ndarray, reciprocal_ex
         orientation 0 first), in ``dtype``.
     """
     rot = quaternion_to_matrix(np.asarray(quaternions).reshape(-1, 4))  # (B, 3, 3)
-    scaled = (np.pi / reciprocal_extent) * np.asarray(positions, dtype=np.float64)
-    pts = np.einsum("bij,jp->ibp", rot, scaled)  # (3, B, P)
-    # Round-off can push |x| a hair past pi; finufft accepts [-3pi, 3pi] but keep it tidy.
-    np.clip(pts, -np.pi, np.pi, out=pts)
-    return pts.reshape(3, -1).astype(dtype, copy=False)
+    dtype = np.dtype(dtype)
+    scaled = ((np.pi / reciprocal_extent) * np.asarray(positions, dtype=np.float64)).astype(dtype)
+    rot = rot.astype(dtype)
+    pts = np.empty((3, rot.shape[0], scaled.shape[1]), dtype=dtype)
+    # Written straight into contiguous rows (finufft wants x, y and z as separate contiguous
+    # arrays: no transposed copy). Elementwise products rather than a GEMM: every value is
+    # then the same whatever batch it is computed in, so slices do not depend on batching
+    # (replicated and ring-distributed matching stay identical).
+    tmp = np.empty(pts.shape[1:], dtype=dtype)
+    for i in range(3):
+        np.multiply(rot[:, i, 0, None], scaled[0], out=pts[i])
+        for j in (1, 2):
+            np.multiply(rot[:, i, j, None], scaled[j], out=tmp)
+            pts[i] += tmp
+    # |R s| = |s| <= extent, so points are within [-pi, pi] up to round-off, which finufft
+    # accepts (its domain is [-3 pi, 3 pi]).
+    return pts.reshape(3, -1)
 
 
 class Slicer:
