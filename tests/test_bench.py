@@ -7,8 +7,10 @@ from spinifel.cli import main
 
 def test_bench_small_case(tmp_path, capsys):
     out = tmp_path / "b.json"
+    png = tmp_path / "b.png"
     assert main(["bench", "--images-per-rank", "40", "--pixels", "16", "--M", "15",
-                 "--orientations", "200", "--json", str(out)]) == 0
+                 "--orientations", "200", "--json", str(out), "--plot", str(png)]) == 0
+    assert png.stat().st_size > 1000
     text = capsys.readouterr().out
     for stage in ("slicing", "matching", "merge_nufft", "merge_allreduce", "cg_iteration",
                   "phasing_iteration"):
@@ -19,6 +21,7 @@ def test_bench_small_case(tmp_path, capsys):
         assert r[stage]["seconds"] > 0 and r[stage]["limit_seconds"] > 0
         assert r[stage]["fraction_of_limit"] > 0
     assert r["matching"]["unit"] == "GFLOP/s"
+    assert r["fft_library"]["numpy_fft_pair"] > 0 and r["fft_library"]["scipy_fft_pair"] > 0
 
 
 def test_weak_scaling_example_runs(tmp_path):

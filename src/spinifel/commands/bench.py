@@ -23,10 +23,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=["single", "double"], default="single")
     parser.add_argument("--threads", type=int, default=1, help="threads per rank")
     parser.add_argument("--json", help="write the measurements (every rank's) to this file")
+    parser.add_argument("--plot", help="write the per-stage breakdown (rank 0) to this PNG")
 
 
 def main(args: argparse.Namespace) -> int:
-    from spinifel.bench import format_table, run_bench
+    from spinifel.bench import format_table, plot_breakdown, run_bench
     from spinifel.config import load_config
     from spinifel.parallel.context import ParallelContext, collective
     from spinifel.runtime import configure_threads
@@ -47,6 +48,11 @@ def main(args: argparse.Namespace) -> int:
                 f"{args.pixels}x{args.pixels}, M={args.M}, {args.orientations} orientations, "
                 f"{args.precision}; BLAS: {', '.join(threads['blas'])}")
         print(format_table(every[0], head))
+        fft = every[0]["fft_library"]
+        print(f"FFT pair on the (2M)^3 grid: scipy.fft {fft['scipy_fft_pair']:.4f} s, "
+              f"numpy.fft {fft['numpy_fft_pair']:.4f} s (the merge uses scipy.fft)")
+        if args.plot:
+            plot_breakdown(every[0], args.plot, head.split(";")[0])
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"args": vars(args) | {"_module": None, "_needs_mpi": None},
