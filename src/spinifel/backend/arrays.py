@@ -79,3 +79,13 @@ def asarray_like(x: Any, like: Any, dtype: Any = None) -> Any:
     if xp is np:
         return np.asarray(to_host(x), dtype=dtype)
     return xp.asarray(x, dtype=dtype)
+
+
+def fft_module(xp: Any) -> Any:
+    """FFT namespace for ``xp``: ``scipy.fft`` for numpy (it keeps float32 in single
+    precision and is 2-3x faster than ``numpy.fft`` there), ``cupy.fft`` for cupy."""
+    if xp is np:
+        import scipy.fft
+
+        return scipy.fft
+    return xp.fft

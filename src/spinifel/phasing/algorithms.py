@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from spinifel.backend.arrays import get_array_module
+from spinifel.backend.arrays import fft_module, get_array_module
 
 _AXES = (0, 1, 2)
 SHRINKWRAP_MODES = ("max", "std")
@@ -88,9 +88,9 @@ def autocorrelation_from_density(rho: Any) -> Any:
     """
     _check_grid("rho", rho)
     xp = get_array_module(rho)
-    f = xp.fft.rfftn(rho, axes=_AXES)
+    f = fft_module(xp).rfftn(rho, axes=_AXES)
     power = f.real * f.real + f.imag * f.imag
-    ac = xp.fft.irfftn(power, s=rho.shape, axes=_AXES)
+    ac = fft_module(xp).irfftn(power, s=rho.shape, axes=_AXES)
     return xp.fft.fftshift(ac, axes=_AXES).astype(rho.dtype, copy=False)
 
 
@@ -151,16 +151,21 @@ def _modulus_step(rho: Any, amp_half: Any, weights: Any, known: Any = None) -> t
     never synchronises with the host.
     """
     xp = get_array_module(rho)
-    f = xp.fft.rfftn(rho, axes=_AXES)
+    fft = fft_module(xp)
+    f = fft.rfftn(rho, axes=_AXES)
     mag = xp.abs(f)
-    misfit2 = xp.sum(weights * (mag - amp_half) ** 2)
+    diff = mag - amp_half
+    diff *= diff
+    diff *= weights
+    misfit2 = xp.sum(diff)
     nonzero = mag > xp.finfo(mag.dtype).tiny
     # Keep the phase of F; where |F| = 0 the phase is undefined: use the amplitude (phase 0).
-    scale = amp_half / xp.where(nonzero, mag, 1)
-    g = xp.where(nonzero, f * scale, amp_half)
+    mag[~nonzero] = 1  # those coefficients take amp_half below; avoid dividing by ~0
+    xp.divide(amp_half, mag, out=mag)
+    g = xp.where(nonzero, f * mag, amp_half)
     if known is not None:
         g = xp.where(known, g, f)
-    projected = xp.fft.irfftn(g, s=rho.shape, axes=_AXES)
+    projected = fft.irfftn(g, s=rho.shape, axes=_AXES)
     return projected.astype(rho.dtype, copy=False), misfit2
 
 
@@ -332,14 +337,14 @@ def gaussian_blur(x: Any, sigma: float) -> Any:
     xp = get_array_module(x)
     if sigma == 0.0:
         return x.copy()
-    f = xp.fft.rfftn(x, axes=_AXES)
+    f = fft_module(xp).rfftn(x, axes=_AXES)
     n0, n1, n2 = x.shape
     c = -2.0 * (xp.pi * sigma) ** 2
     g0 = xp.exp(c * xp.fft.fftfreq(n0) ** 2).astype(x.dtype)
     g1 = xp.exp(c * xp.fft.fftfreq(n1) ** 2).astype(x.dtype)
     g2 = xp.exp(c * xp.fft.rfftfreq(n2) ** 2).astype(x.dtype)
     f *= g0[:, None, None] * g1[None, :, None] * g2[None, None, :]
-    return xp.fft.irfftn(f, s=x.shape, axes=_AXES).astype(x.dtype, copy=False)
+    return fft_module(xp).irfftn(f, s=x.shape, axes=_AXES).astype(x.dtype, copy=False)
 
 
 def _shrinkwrap_device(rho, support, sigma, threshold, mode):
