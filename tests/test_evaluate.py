@@ -448,7 +448,7 @@ def test_pdb_truth_is_rendered_on_the_result_grid(molecule, tmp_path, monkeypatc
 
     def render(structure, m, extent_inv_m):
         calls.append((structure, m, extent_inv_m))
-        return {"density": rho, "intensity": intensity_of(rho)}
+        return rho, intensity_of(rho)  # the (density, intensity) pair of the real function
 
     truth_mod.render_ground_truth = render
     monkeypatch.setitem(sys.modules, "spinifel.simulate.structure", structure_mod)

@@ -20,7 +20,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +49,6 @@ class RunState:
     phased_ac: np.ndarray | None = None
     density: np.ndarray | None = None
     support: np.ndarray | None = None
-    quaternions: np.ndarray | None = None  # local (n_local, 4)
-    metrics: list = field(default_factory=list)
 
 
 def measured_fourier_mask(M: int, positions: np.ndarray, reciprocal_extent: float) -> np.ndarray:
@@ -273,7 +271,7 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
             den = np.linalg.norm(state.density)
             density_change = float(np.linalg.norm(density - state.density) / den) if den > 0 else float("nan")
         state = RunState(generation=g, merged_ac=res.autocorrelation, phased_ac=phased,
-                         density=density, support=dsupport, quaternions=quats)
+                         density=density, support=dsupport)
         # Orientations of all images in file order on rank 0 (rank blocks are in file order).
         all_q = comm.gather(quats, root=0) if size > 1 else [quats]
         entry = {"generation": g, "timings": timings,

@@ -60,12 +60,6 @@ class GroundTruth:
     name: str
 
 
-def intensity_from_density(density: np.ndarray) -> np.ndarray:
-    """Centred intensity ``|fftshift(fftn(ifftshift(rho)))|^2`` (the architecture's grid)."""
-    f = np.fft.fftshift(np.fft.fftn(np.fft.ifftshift(np.asarray(density, dtype=np.float64))))
-    return (np.abs(f) ** 2).astype(np.float32)
-
-
 def _attr_str(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
@@ -174,18 +168,9 @@ def _render_from_pdb(pdb: str | os.PathLike, m: int, reciprocal_extent_inv_m: fl
     path = Path(pdb)
     if not path.is_file():
         raise DatasetError(path, None, "structure file not found")
-    rendered = render_ground_truth(load_structure(path), m, reciprocal_extent_inv_m)
-    # Accept a mapping, an object with attributes, or a (density, intensity) pair.
-    if isinstance(rendered, dict):
-        density, intensity = rendered.get("density"), rendered.get("intensity")
-    elif hasattr(rendered, "density"):
-        density, intensity = rendered.density, getattr(rendered, "intensity", None)
-    else:
-        density, intensity = rendered[0], rendered[1] if len(rendered) > 1 else None
-    density = np.asarray(to_host(density), dtype=np.float32)
-    intensity = (intensity_from_density(density) if intensity is None
-                 else np.asarray(to_host(intensity), dtype=np.float32))
-    return GroundTruth(density=density, intensity=intensity, orientations=None,
+    density, intensity = render_ground_truth(load_structure(path), m, reciprocal_extent_inv_m)
+    return GroundTruth(density=np.asarray(density, dtype=np.float32),
+                       intensity=np.asarray(intensity, dtype=np.float32), orientations=None,
                        voxel_size_angstrom=voxel_size_angstrom, name=path.stem)
 
 
