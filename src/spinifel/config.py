@@ -157,6 +157,7 @@ class OutputConfig:
     dir: str
     write_every: int
     mrc: bool
+    progress_png: bool
 
     def __post_init__(self) -> None:
         _check(self.dir != "", "output.dir", "must not be empty")
@@ -174,6 +175,17 @@ class EvaluationConfig:
 
 
 @dataclass(frozen=True)
+class ValidationConfig:
+    half_sets: bool
+    prtf_runs: int
+    prtf_average: bool
+
+    def __post_init__(self) -> None:
+        _check(self.prtf_runs == 0 or 2 <= self.prtf_runs <= 1000, "validation.prtf_runs",
+               f"must be 0 (off) or in [2, 1000], got {self.prtf_runs}")
+
+
+@dataclass(frozen=True)
 class Config:
     """The fully resolved configuration of a run (one section per dataclass)."""
 
@@ -183,6 +195,7 @@ class Config:
     algorithm: AlgorithmConfig
     output: OutputConfig
     evaluation: EvaluationConfig
+    validation: ValidationConfig
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -201,6 +214,7 @@ _SECTIONS = {f.name: f.type for f in fields(Config)}
 _SECTION_CLASSES = {
     "data": DataConfig, "detector": DetectorConfig, "runtime": RuntimeConfig,
     "algorithm": AlgorithmConfig, "output": OutputConfig, "evaluation": EvaluationConfig,
+    "validation": ValidationConfig,
 }
 
 

@@ -31,9 +31,11 @@ from spinifel.errors import ConfigError, DatasetError, SpinifelError
 from spinifel.geometry.orientations import grid_spacing, orientation_grid, random_quaternions
 from spinifel.io.dataset import inspect_dataset, read_geometry, read_shard, shard_bounds
 from spinifel.matching import match_distributed, match_orientations, refine_orientations
-from spinifel.merging.merge import accumulate_normal_equations, ball_support, merge
+from spinifel.merging.merge import (accumulate_normal_equations, add_normal_equations,
+                                    ball_support, merge, solve_each)
 from spinifel.parallel.collectives import allreduce_sum, bcast_array
 from spinifel.parallel.context import ParallelContext, collective, on_root
+from spinifel.parallel.partition import round_robin
 from spinifel.phasing.algorithms import intensity_from_autocorrelation
 from spinifel.slicing import Slicer
 
@@ -83,15 +85,23 @@ def model_scale(model_ac: np.ndarray, data_ac: np.ndarray, fourier_mask: np.ndar
     return float(np.dot(im, idata) / den) if den > 0 else 1.0
 
 
-def _phase_on_root(cfg: Config, ac: np.ndarray, state: RunState, generation: int,
-                   fourier_mask: np.ndarray | None):
+def _phase(cfg: Config, ac: np.ndarray, state: RunState | None, generation: int,
+           fourier_mask: np.ndarray | None, stream: int = 0):
+    """Phase ``ac`` (warm start from ``state``; a random start when it has no density).
+
+    ``stream`` separates the random starts of the full map (0), the half maps (1, 2) and
+    the PRTF runs; seeds never depend on the rank.
+    """
     from spinifel.phasing.phase import phase
 
     a = cfg.algorithm
-    rng = np.random.default_rng([cfg.runtime.seed, generation, 17])
+    seed = [cfg.runtime.seed, generation, 17] + ([stream] if stream else [])
+    rng = np.random.default_rng(seed)
     return phase(ac, n_loops=a.n_phase_loops, n_er=a.n_er, n_hio=a.n_hio, beta=a.hio_beta,
                  sw_sigma=a.shrinkwrap_sigma, sw_threshold=a.shrinkwrap_threshold,
-                 n_final_er=a.n_final_er, rng=rng, rho0=state.density, support0=state.support,
+                 n_final_er=a.n_final_er, rng=rng,
+                 rho0=None if state is None else state.density,
+                 support0=None if state is None else state.support,
                  fourier_mask=fourier_mask)
 
 
@@ -160,6 +170,14 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
     shard = collective(comm, read_shard, path, start, stop, cfg.detector.clip, cfg.detector.binning,
                        cfg.data.negative, geom)
     t_io = time.perf_counter() - t_io
+    halves = None
+    if cfg.validation.half_sets:
+        from spinifel.validation.halves import half_assignment
+
+        if n_images < 4:
+            raise ConfigError(f"config key 'validation.half_sets': needs at least 4 images, "
+                              f"the run has {n_images}")
+        halves = half_assignment(n_images, cfg.runtime.seed)[start:stop]
 
     good = geom.mask
     positions = np.ascontiguousarray(geom.positions[:, good])
@@ -196,6 +214,8 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
 
     fp = checkpoint.fingerprint(cfg, n_images, geom.shape)
     state = RunState()
+    # Half-set chains (validation.half_sets): each half warm-starts only from itself.
+    half_states = [RunState(), RunState()]
     metrics: list[dict] = []
     zeros = np.zeros((M, M, M))
     prev_index = None
@@ -210,6 +230,11 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
         state = RunState(generation=ck["generation"], merged_ac=ck["merged_ac"],
                          phased_ac=ck["phased_ac"], density=ck["density"],
                          support=ck["support"].astype(bool))
+        if halves is not None and ck.get("half_density") is not None:
+            half_states = [RunState(generation=ck["generation"], merged_ac=ck["half_merged_ac"][h],
+                                    phased_ac=ck["half_phased_ac"][h],
+                                    density=ck["half_density"][h],
+                                    support=ck["half_support"][h].astype(bool)) for h in (0, 1)]
         quats = ck["orientations"][start:stop]
         if ck["match_index"] is not None:
             prev_index = ck["match_index"][start:stop]
@@ -249,29 +274,75 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
                 n_changed = np.array([float(np.count_nonzero(match.best_index != prev_index))])
                 changed = float(allreduce_sum(comm, n_changed)[0]) / n_images
             prev_index = match.best_index
-        eq = accumulate_normal_equations(comm, images, quats, positions, extent, M, None,
-                                         a.nufft_eps_merge, threads, a.image_batch, timings)
+        if halves is None:
+            eq = accumulate_normal_equations(comm, images, quats, positions, extent, M, None,
+                                             a.nufft_eps_merge, threads, a.image_batch, timings)
+        else:
+            # The full set's equations are the sum of the halves' (same NUFFT work).
+            half_eqs = [accumulate_normal_equations(
+                comm, images[halves == h], quats[halves == h], positions, extent, M, None,
+                a.nufft_eps_merge, threads, a.image_batch, timings) for h in (0, 1)]
+            eq = add_normal_equations(*half_eqs)
         x0 = zeros if state.phased_ac is None else state.phased_ac
         x_init = x0 if state.merged_ac is None else state.merged_ac
         res = merge(comm, eq, lambdas_rel=a.lambdas, x0=x0, x_init=x_init, support=support,
                     max_iter=a.cg_max_iter, tol=a.cg_tol, nthreads=threads, timings=timings)
+        half_merged = None
+        if halves is not None:
+            t = time.perf_counter()
+            hx0 = [zeros if hs.phased_ac is None else hs.phased_ac for hs in half_states]
+            half_merged = solve_each(
+                comm, half_eqs, lam_rel=res.lam_rel, x0s=hx0,
+                x_inits=[x if hs.merged_ac is None else hs.merged_ac
+                         for x, hs in zip(hx0, half_states)],
+                support=support, max_iter=a.cg_max_iter, tol=a.cg_tol, nthreads=threads)
+            timings["half_sets"] = time.perf_counter() - t
         t = time.perf_counter()
-        ph = _phase_on_root(cfg, res.autocorrelation, state, g, fmask) if rank == 0 else None
-        density = bcast_array(comm, None if ph is None else np.asarray(ph.density, dtype=np.float64))
-        dsupport = bcast_array(comm, None if ph is None else np.asarray(ph.support, dtype=bool))
-        phased = bcast_array(comm, None if ph is None else np.asarray(ph.autocorrelation, dtype=np.float64))
-        # Positivity and the support remove some power: put the phased model back on the
-        # data's scale (least squares over the measured shell) so that matching compares
-        # like with like; a model that is globally too bright or too dim biases the
-        # Euclidean distance towards dim or bright orientations.
-        phased *= model_scale(phased, res.autocorrelation, fmask)
+        # Phasing jobs: the full map on rank 0, the half maps (if any) on ranks 1 and 2
+        # (modulo the rank count), run concurrently and broadcast from their owners.
+        jobs = [(res.autocorrelation, state, 0)]
+        if half_merged is not None:
+            jobs += [(half_merged[h], half_states[h], h + 1) for h in (0, 1)]
+        phased_jobs = []
+        for ac_j, st_j, stream in jobs:
+            owner = stream % size
+            ph = _phase(cfg, ac_j, st_j, g, fmask, stream) if rank == owner else None
+            phased_jobs.append(ph)
+        outs = []
+        for (ac_j, _, stream), ph in zip(jobs, phased_jobs):
+            owner = stream % size
+            d = bcast_array(comm, None if ph is None else np.asarray(ph.density, dtype=np.float64), owner)
+            sp = bcast_array(comm, None if ph is None else np.asarray(ph.support, dtype=bool), owner)
+            pa = bcast_array(comm, None if ph is None else np.asarray(ph.autocorrelation, dtype=np.float64), owner)
+            # Positivity and the support remove some power: put the phased model back on
+            # the data's scale (least squares over the measured shell) so that matching
+            # compares like with like; a model that is globally too bright or too dim
+            # biases the Euclidean distance towards dim or bright orientations.
+            pa *= model_scale(pa, ac_j, fmask)
+            err = None if ph is None else float(ph.fourier_error)
+            outs.append((d, sp, pa, err))
+        density, dsupport, phased, fourier_err = outs[0]
         timings["phasing"] = time.perf_counter() - t
+        half_set_summary = None
+        if half_merged is not None:
+            half_states = [RunState(generation=g, merged_ac=half_merged[h], phased_ac=outs[h + 1][2],
+                                    density=outs[h + 1][0], support=outs[h + 1][1]) for h in (0, 1)]
+            if rank == 0:
+                from spinifel.validation.halves import half_map_fsc
+
+                t = time.perf_counter()
+                half_set_summary = half_map_fsc(half_states[0].density, half_states[1].density,
+                                                voxel_A)
+                timings["half_sets"] += time.perf_counter() - t
         density_change = float("nan")
         if state.density is not None:
             den = np.linalg.norm(state.density)
             density_change = float(np.linalg.norm(density - state.density) / den) if den > 0 else float("nan")
         state = RunState(generation=g, merged_ac=res.autocorrelation, phased_ac=phased,
                          density=density, support=dsupport)
+        converged = (g > 0 and a.orientation_change_tol > 0 and a.density_change_tol > 0
+                     and changed < a.orientation_change_tol
+                     and density_change < a.density_change_tol)
         # Orientations of all images in file order on rank 0 (rank blocks are in file order).
         all_q = comm.gather(quats, root=0) if size > 1 else [quats]
         entry = {"generation": g, "timings": timings,
@@ -280,7 +351,9 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
                                                       "residual_norms": res.residual_norms,
                                                       "solution_norms": res.solution_norms},
                  "orientation_change": changed, "density_change": density_change,
-                 "fourier_error": None if ph is None else float(ph.fourier_error)}
+                 "fourier_error": fourier_err}
+        if half_set_summary is not None:
+            entry["half_set"] = half_set_summary
         if rank == 0:
             orientations = np.concatenate(all_q, axis=0)
             intensity = intensity_from_autocorrelation(res.autocorrelation)
@@ -300,27 +373,28 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
                     entry["evaluation"] = _summary(ev)
                     final_eval = ev
                 timings["evaluation"] = time.perf_counter() - t
-            last = g == a.generations - 1
+            last = g == a.generations - 1 or converged
+            result_kwargs = dict(density=density.astype(np.float32),
+                                 intensity=intensity.astype(np.float32),
+                                 autocorrelation=res.autocorrelation.astype(np.float32),
+                                 support=dsupport.astype(np.uint8), orientations=orientations,
+                                 voxel_size_angstrom=voxel_A,
+                                 reciprocal_extent_inv_angstrom=extent_invA, generation=g,
+                                 n_ranks=size, config_toml=cfg.to_toml(), write_mrc=cfg.output.mrc)
             if last or (g + 1) % cfg.output.write_every == 0:
                 t = time.perf_counter()
-                output.write_result(out_dir, density=density.astype(np.float32),
-                                    intensity=intensity.astype(np.float32),
-                                    autocorrelation=res.autocorrelation.astype(np.float32),
-                                    support=dsupport.astype(np.uint8), orientations=orientations,
-                                    voxel_size_angstrom=voxel_A, reciprocal_extent_inv_angstrom=extent_invA,
-                                    generation=g, n_ranks=size, config_toml=cfg.to_toml(),
-                                    write_mrc=cfg.output.mrc)
+                output.write_result(out_dir, **result_kwargs)
                 timings["output"] = time.perf_counter() - t
         timings["io_read"] = t_io if g == 0 else 0.0
         # Peak resident memory of every rank so far (MiB): flat over generations = no leak.
         entry["peak_rss_mib"] = _all(comm, _peak_rss_mib())
         metrics.append(entry)
+        doc = {"generations": metrics, "n_ranks": size, "n_images": n_images, "M": M,
+               "voxel_size_angstrom": voxel_A, "n_orientations": a.n_orientations,
+               "grid_spacing_deg": spacing_deg, "n_generations": a.generations}
         if rank == 0:
-            output.write_metrics(out_dir, {"generations": metrics, "n_ranks": size,
-                                           "n_images": n_images, "M": M,
-                                           "voxel_size_angstrom": voxel_A,
-                                           "n_orientations": a.n_orientations,
-                                           "grid_spacing_deg": spacing_deg})
+            output.write_metrics(out_dir, doc)
+            _draw_progress(cfg, out_dir, doc)
         all_idx = None
         if prev_index is not None:
             all_idx = comm.gather(prev_index, root=0) if size > 1 else [prev_index]
@@ -329,18 +403,101 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
                 out_dir, generation=g, fingerprint=fp, config_toml=cfg.to_toml(),
                 merged_ac=res.autocorrelation, phased_ac=phased, density=density,
                 support=dsupport.astype(np.uint8), orientations=orientations,
-                match_index=None if all_idx is None else np.concatenate(all_idx))
+                match_index=None if all_idx is None else np.concatenate(all_idx),
+                **_half_arrays(half_states if halves is not None else None))
         _maybe_inject_fault(g, rank)
         _log_generation(g, a.generations, entry, time.perf_counter() - t_run)
-        if g > 0 and a.orientation_change_tol > 0 and a.density_change_tol > 0:
-            if changed < a.orientation_change_tol and density_change < a.density_change_tol:
-                log.info("converged: %.4f of images changed orientation, density changed %.4f",
-                         changed, density_change)
-                break
+        if converged:
+            log.info("converged: %.4f of images changed orientation, density changed %.4f",
+                     changed, density_change)
+            break
+    if cfg.validation.prtf_runs > 0 and state.merged_ac is not None:
+        prtf = _prtf(cfg, comm, state.merged_ac, fmask, voxel_A, state.generation)
+        if rank == 0:
+            doc["prtf"] = prtf["summary"]
+            if cfg.validation.prtf_average:
+                avg = prtf["average"]
+                result_kwargs["density"] = avg.astype(np.float32)
+                output.write_result(out_dir, **result_kwargs)
+                if truth is not None:
+                    from spinifel.evaluate.report import evaluate_arrays
+
+                    try:
+                        final_eval = evaluate_arrays(
+                            density=avg, intensity=result_kwargs["intensity"],
+                            orientations=result_kwargs["orientations"],
+                            voxel_size_angstrom=voxel_A, truth=truth,
+                            grid_spacing_deg=spacing_deg)
+                        doc["prtf"]["evaluation"] = _summary(final_eval)
+                    except (ValueError, SpinifelError) as e:
+                        log.warning("evaluation of the PRTF average skipped: %s", e)
+            output.write_metrics(out_dir, doc)
+            _draw_progress(cfg, out_dir, doc)
+        s = prtf["summary"] if rank == 0 else None
+        if s is not None:
+            log.info("PRTF of %d phasing runs: drops to 1/e at %.2f A%s", s["n_runs"],
+                     s["resolution_1_over_e_angstrom"],
+                     "; the final density is their aligned average"
+                     if cfg.validation.prtf_average else "")
     out = {"generations": len(metrics), "out_dir": str(out_dir), "final": metrics[-1]}
     if final_eval is not None:
         out["evaluation"] = _summary(final_eval)
     return out
+
+
+def _half_arrays(half_states: list | None) -> dict:
+    """Checkpoint arrays of the half-set chains (stacked over the two halves)."""
+    if half_states is None or half_states[0].density is None:
+        return {}
+    return {"half_merged_ac": np.stack([h.merged_ac for h in half_states]),
+            "half_phased_ac": np.stack([h.phased_ac for h in half_states]),
+            "half_density": np.stack([h.density for h in half_states]),
+            "half_support": np.stack([h.support for h in half_states]).astype(np.uint8)}
+
+
+def _draw_progress(cfg: Config, out_dir: Any, doc: dict) -> None:
+    """Redraw OUT/progress.png (rank 0); a plotting failure is logged, never fatal."""
+    if not cfg.output.progress_png:
+        return
+    from spinifel.validation.progress import write_progress
+
+    try:
+        write_progress(out_dir, doc)
+    except Exception as e:  # noqa: BLE001 - a picture must never end a reconstruction
+        log.warning("progress.png not updated: %s", str(e).splitlines()[0] if str(e) else e)
+
+
+PRTF_STREAM = 0x5052
+
+
+def _prtf(cfg: Config, comm: Any, merged_ac: np.ndarray, fmask: np.ndarray, voxel_A: float,
+          generation: int) -> dict:
+    """Phase ``merged_ac`` ``prtf_runs`` times from random starts, spread over the ranks.
+
+    Run ``j`` runs on rank ``j % size`` with a seed from ``(runtime.seed, j)`` only, so the
+    result does not depend on the rank count. Returns on rank 0 ``{"summary": dict,
+    "average": ndarray}`` (see :func:`spinifel.validation.prtf.prtf_summary`); ``{}``
+    elsewhere.
+    """
+    rank, size = comm.Get_rank(), comm.Get_size()
+    k = cfg.validation.prtf_runs
+    t = time.perf_counter()
+    mine = {}
+    for j in round_robin(k, size, rank):
+        ph = _phase(cfg, merged_ac, None, PRTF_STREAM, fmask, stream=j + 1)
+        mine[j] = np.asarray(ph.density, dtype=np.float64)
+    parts = comm.gather(mine, root=0) if size > 1 else [mine]
+    if rank != 0:
+        return {}
+    from spinifel.validation.prtf import prtf_summary
+
+    runs: dict[int, np.ndarray] = {}
+    for p in parts:
+        runs.update(p)
+    summary, average = prtf_summary([runs[j] for j in range(k)], voxel_A, fmask)
+    summary["seconds"] = time.perf_counter() - t
+    summary["generation"] = generation
+    return {"summary": summary, "average": average}
 
 
 def _select_backends(cfg: Config) -> str:

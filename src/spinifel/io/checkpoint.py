@@ -23,7 +23,9 @@ from spinifel.errors import CheckpointError
 from spinifel.io.output import atomic_write
 
 NAME = "checkpoint.h5"
-_ARRAYS = ("merged_ac", "phased_ac", "density", "support", "orientations", "match_index")
+_ARRAYS = ("merged_ac", "phased_ac", "density", "support", "orientations", "match_index",
+           # validation.half_sets: the two half maps' chains, stacked (2, M, M, M)
+           "half_merged_ac", "half_phased_ac", "half_density", "half_support")
 
 
 def fingerprint(cfg: Any, n_images: int, detector_shape: tuple) -> str:

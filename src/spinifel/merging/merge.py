@@ -178,3 +178,31 @@ def merge(comm: Any, eq: NormalEquations, *, lambdas_rel: Sequence[float], x0: n
     return MergeResult(autocorrelation=x, lam=lambdas_rel[k] * eq.weight_sum, lam_rel=lambdas_rel[k],
                        index=k, lambdas_rel=list(lambdas_rel), residual_norms=resid,
                        solution_norms=norms, cg_iterations=iters)
+
+
+def add_normal_equations(a: NormalEquations, b: NormalEquations) -> NormalEquations:
+    """Normal equations of the union of two disjoint image sets (everything is a sum)."""
+    return NormalEquations(a.rhs + b.rhs, a.spectrum + b.spectrum, a.weight_sum + b.weight_sum,
+                           a.data_norm_sq + b.data_norm_sq)
+
+
+def solve_each(comm: Any, eqs: Sequence[NormalEquations], *, lam_rel: float,
+               x0s: Sequence[np.ndarray], x_inits: Sequence[np.ndarray],
+               support: np.ndarray | None, max_iter: int, tol: float,
+               nthreads: int = 1) -> list[np.ndarray]:
+    """Solve several independent systems at one relative lambda, spread over the ranks.
+
+    System ``i`` is solved on rank ``i % size`` with ``lam = lam_rel * eqs[i].weight_sum``
+    and broadcast from there (used for the half-set maps, which reuse the lambda the
+    L-curve chose for the full set). Collective; returns the solutions on every rank.
+    """
+    rank, size = comm.Get_rank(), comm.Get_size()
+    out = []
+    for i, eq in enumerate(eqs):
+        x = None
+        if i % size == rank:
+            op = ToeplitzNormalOperator(eq.spectrum, support, workers=nthreads)
+            x = solve_regularised(op, eq, lam_rel * eq.weight_sum, x0s[i], x_inits[i],
+                                  max_iter, tol)[0]
+        out.append(x)
+    return [bcast_array(comm, x, root=i % size) for i, x in enumerate(out)]
