@@ -565,6 +565,9 @@ def _log_generation(g: int, n: int, entry: dict, elapsed: float) -> None:
     eta = elapsed / (g + 1) * (n - g - 1)
     msg = (f"generation {g + 1}/{n}: lambda_rel {entry['lambda_rel']:.3g}, CG {entry['cg_iterations']} it, "
            f"orientation change {entry['orientation_change']:.3f}; {stages}; ETA {eta:.0f}s")
+    hs = entry.get("half_set")
+    if hs:
+        msg += f"; half-set FSC0.143 {hs['resolution_0p143_angstrom']:.1f} A"
     ev = entry.get("evaluation")
     if ev:
         msg += (f"; truth: correlation {ev.get('density_correlation', float('nan')):.3f}, "
