@@ -2,6 +2,9 @@
 
 import json
 
+import numpy as np
+import pytest
+
 from spinifel.cli import main
 
 
@@ -42,3 +45,37 @@ def test_weak_scaling_example_runs(tmp_path):
     data = json.loads((tmp_path / "weak_scaling.json").read_text())
     assert set(data) == {"1", "2"}
     assert (tmp_path / "weak_scaling.png").stat().st_size > 1000
+
+
+def test_compare_matching_agrees_with_brute_force_and_peers(rng):
+    """Ours, faiss and scikit-learn against a float64 brute-force argmin."""
+    pytest.importorskip("faiss", reason="faiss-cpu not installed (pip install .[compare])")
+    pytest.importorskip("sklearn", reason="scikit-learn not installed (pip install .[compare])")
+    from spinifel.bench_compare import compare_matching, format_compare
+
+    # well-separated slices so that float32 cannot flip the answer
+    slices = rng.standard_normal((300, 64)).astype(np.float32)
+    truth = rng.integers(0, 300, 120)
+    images = slices[truth] + 0.05 * rng.standard_normal((120, 64)).astype(np.float32)
+    d = ((images[:, None, :].astype(np.float64) - slices[None].astype(np.float64)) ** 2).sum(-1)
+    brute = d.argmin(axis=1)
+    assert np.array_equal(brute, truth)
+    res = compare_matching(images, slices, threads=1, batch=70)
+    for name in ("ours", "faiss", "sklearn"):
+        assert res[name]["agreement"] == 1.0, name
+        assert res[name]["seconds"] > 0
+    text = format_compare(res)
+    assert "faiss" in text and "sklearn" in text
+
+
+def test_bench_compare_cli(tmp_path, capsys):
+    pytest.importorskip("faiss", reason="faiss-cpu not installed (pip install .[compare])")
+    out = tmp_path / "b.json"
+    assert main(["bench", "--images-per-rank", "30", "--pixels", "16", "--M", "15",
+                 "--orientations", "200", "--compare", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "ours is x faster" in text
+    cmp = json.loads(out.read_text())["ranks"][0]["compare_matching"]
+    # synthetic exact model images at random orientations: near-ties are possible between
+    # neighbouring grid slices, but the peers solve the same float32 problem
+    assert cmp["faiss"]["agreement"] >= 0.9 and cmp["sklearn"]["agreement"] >= 0.9

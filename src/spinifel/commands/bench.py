@@ -24,6 +24,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="threads per rank")
     parser.add_argument("--json", help="write the measurements (every rank's) to this file")
     parser.add_argument("--plot", help="write the per-stage breakdown (rank 0) to this PNG")
+    parser.add_argument("--compare", action="store_true",
+                        help="also time matching against faiss IndexFlatL2 and scikit-learn "
+                             "brute-force nearest neighbours (when installed: .[compare])")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -42,6 +45,18 @@ def main(args: argparse.Namespace) -> int:
     res = run_bench(comm, images_per_rank=args.images_per_rank, n_pixels=args.pixels, M=args.M,
                     n_orientations=args.orientations, precision=args.precision,
                     threads=args.threads)
+    if args.compare:
+        from spinifel.bench import synthetic_problem, orientation_grid, Slicer
+        from spinifel.bench_compare import compare_matching
+
+        import numpy as np
+
+        dtype = np.float32 if args.precision == "single" else np.float64
+        prob = synthetic_problem(args.M, args.pixels, args.images_per_rank, comm.Get_rank(), dtype)
+        grid = orientation_grid(args.orientations)
+        slices = Slicer(prob["ac"], prob["positions"], prob["extent"], 1e-4, dtype,
+                        args.threads).slices(grid)
+        res["compare_matching"] = compare_matching(prob["images"], slices, args.threads)
     every = comm.allgather(res)
     if collective_ctx.is_root:
         head = (f"spinifel-mpi bench: {comm.Get_size()} rank(s), {args.images_per_rank} images/rank of "
@@ -51,6 +66,10 @@ def main(args: argparse.Namespace) -> int:
         fft = every[0]["fft_library"]
         print(f"FFT pair on the (2M)^3 grid: scipy.fft {fft['scipy_fft_pair']:.4f} s, "
               f"numpy.fft {fft['numpy_fft_pair']:.4f} s (the merge uses scipy.fft)")
+        if args.compare:
+            from spinifel.bench_compare import format_compare
+
+            print(format_compare(every[0]["compare_matching"]))
         if args.plot:
             plot_breakdown(every[0], args.plot, head.split(";")[0])
         if args.json:
