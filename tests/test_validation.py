@@ -109,7 +109,7 @@ def test_prtf_matches_brute_force(rng):
 def test_prtf_is_one_for_identical_phases_and_low_for_random_phases(rng):
     m = 15
     obj = _blob(m, rng)
-    f, c = prtf_curve([obj, 2.0 * obj, 0.5 * obj], 1.0)
+    _, c = prtf_curve([obj, 2.0 * obj, 0.5 * obj], 1.0)
     assert np.nanmin(c) > 1 - 1e-9
     # K runs with independent uniform phases and equal amplitudes: E|mean phasor| is about
     # sqrt(pi / (4 K)) = 0.31 for K = 8 (Rayleigh); far below 1/e is the point

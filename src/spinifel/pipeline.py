@@ -31,8 +31,13 @@ from spinifel.errors import ConfigError, DatasetError, SpinifelError
 from spinifel.geometry.orientations import grid_spacing, orientation_grid, random_quaternions
 from spinifel.io.dataset import inspect_dataset, read_geometry, read_shard, shard_bounds
 from spinifel.matching import match_distributed, match_orientations, refine_orientations
-from spinifel.merging.merge import (accumulate_normal_equations, add_normal_equations,
-                                    ball_support, merge, solve_each)
+from spinifel.merging.merge import (
+    accumulate_normal_equations,
+    add_normal_equations,
+    ball_support,
+    merge,
+    solve_each,
+)
 from spinifel.parallel.collectives import allreduce_sum, bcast_array
 from spinifel.parallel.context import ParallelContext, collective, on_root
 from spinifel.parallel.partition import round_robin

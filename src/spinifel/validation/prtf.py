@@ -13,7 +13,8 @@ cut-off is ``1 / e`` (Chapman et al., J. Opt. Soc. Am. A 23, 1179 (2006)).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
