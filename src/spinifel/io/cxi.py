@@ -66,7 +66,7 @@ import h5py
 import numpy as np
 
 from spinifel.errors import DatasetError
-from spinifel.geometry.detector import HC_EV_M, reciprocal_from_lab
+from spinifel.geometry.detector import reciprocal_from_lab
 
 log = logging.getLogger("spinifel")
 
@@ -103,6 +103,8 @@ ENERGY_WAVELENGTH_RTOL = 1e-3
 MAX_PLAUSIBLE_ENERGY_J = 1e-12
 
 ELEMENTARY_CHARGE_C = 1.602176634e-19  # exact (SI 2019): joules per electronvolt
+PLANCK_J_S = 6.62607015e-34  # exact (SI 2019)
+SPEED_OF_LIGHT_M_S = 299792458.0  # exact
 
 DATA_PATHS = ("entry_1/data_1/data", "entry_1/instrument_1/detector_1/data")
 DEFAULT_DETECTOR = "entry_1/instrument_1/detector_1"
@@ -314,7 +316,7 @@ def _read_wavelength(f: h5py.File, path: Path, layout: CXILayout, n_images: int
                 raise DatasetError(path, e_path, f"photon energy {e_j:.6g} J is implausible "
                                    f"(> {MAX_PLAUSIBLE_ENERGY_J:g} J); CXI energies are in "
                                    "joules: add a units='eV' attribute if it is in eV")
-            lam_e = HC_EV_M / (e_j / ELEMENTARY_CHARGE_C)
+            lam_e = PLANCK_J_S * SPEED_OF_LIGHT_M_S / e_j
         if w_path in f:
             lam_w = _read_scalar(f, path, w_path, n_images, _LENGTH_UNITS, "m")
         if lam_e is not None and lam_w is not None:
@@ -528,7 +530,8 @@ def describe_geometry(path: str | Path) -> dict:
         "detector": layout.detector,
         "wavelength_m": geo.wavelength_m,
         "wavelength_source": geo.wavelength_source,
-        "photon_energy_ev": HC_EV_M / geo.wavelength_m,
+        "photon_energy_ev": PLANCK_J_S * SPEED_OF_LIGHT_M_S / geo.wavelength_m
+        / ELEMENTARY_CHARGE_C,
         "corner_position_m": geo.corner_position.tolist(),
         "basis_vectors_m": geo.basis_vectors.tolist(),
         "centred_on_beam": geo.centred,
