@@ -49,7 +49,7 @@ def skopi_to_cxi(src: str | Path, dst: str | Path, *, explicit: bool = True,
     """
     with h5py.File(src, "r") as f, h5py.File(dst, "w") as g:
         a = f.attrs
-        n_images, n_panels, h, w = f["intensities"].shape
+        _, n_panels, h, w = f["intensities"].shape
         assert n_panels == 1 and h == w, "the simulator writes one square panel"
         p = float(a["pixel_size"])
         d = float(a["det_distance"])

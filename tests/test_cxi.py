@@ -248,6 +248,40 @@ def test_format_selection(tmp_path, rng, small_dataset):
         load_config(None, (), {"data": {"format": "nexus"}})
 
 
+@pytest.mark.parametrize("link", ["data soft link", "group soft link", "no data_1", "hard link"])
+def test_image_stack_and_detector_are_found(tmp_path, rng, link):
+    """data_1/data soft-linked to the detector's data, data_1 soft-linked to the detector
+    group, detector_1/data alone, or data_1/data a hard link: same images and geometry."""
+    images = rng.poisson(3.0, (3, 4, 6)).astype(np.float32)
+    kw = {"distance": 0.1, "pixel": (1e-4, 2e-4), "wavelength": 1e-10}
+    path = write_cxi(tmp_path / "l.cxi", images, link=(link == "data soft link"), **kw)
+    ref = write_cxi(tmp_path / "ref.cxi", images, **kw)
+    with h5py.File(path, "a") as f:
+        if link == "group soft link":
+            f["entry_1/data_1"] = h5py.SoftLink("/entry_1/instrument_1/detector_1")
+        elif link == "hard link":
+            f.create_group("entry_1/data_1")["data"] = f["entry_1/instrument_1/detector_1/data"]
+    info = inspect_dataset(path)
+    want = "entry_1/instrument_1/detector_1/data" if link == "no data_1" else "entry_1/data_1/data"
+    assert info.images_dataset == want
+    np.testing.assert_array_equal(read_geometry(path).positions, read_geometry(ref).positions)
+    np.testing.assert_array_equal(read_shard(path, 0, 3).images, images.reshape(3, -1))
+
+
+def test_cli_info_on_cxi_and_wrong_format(tmp_path, rng, capsys):
+    from spinifel.cli import main
+
+    d = two_module_file(tmp_path / "two.cxi", rng)
+    assert main(["info", str(d["path"]), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["format"] == "cxi" and out["detector_shape"] == [2, 6, 8]
+    assert out["n_masked"] == len(NO_WEIGHT) + 1
+    assert len(out["cxi"]["corner_position_m"]) == 2
+    assert main(["info", str(d["path"]), "--format", "skopi"]) == 2
+    err = capsys.readouterr().err
+    assert "intensities: required dataset is missing (the file looks like CXI" in err
+
+
 DET = "entry_1/instrument_1/detector_1"
 SRC = "entry_1/instrument_1/source_1"
 
@@ -267,6 +301,8 @@ BAD_CASES = {
                    f"{DET}/data", "expected rank 3"),
     "mask shape": (lambda f: _replace(f, f"{DET}/mask", np.zeros((2, 6, 7), np.uint32)),
                    f"{DET}/mask", "expected shape (2, 6, 8)"),
+    "all masked": (lambda f: _replace(f, f"{DET}/mask", np.full((2, 6, 8), 0x80, np.uint32)),
+                   f"{DET}/mask", "all 96 pixels are masked"),
     "mask dtype": (lambda f: _replace(f, f"{DET}/mask", np.zeros((2, 6, 8))),
                    f"{DET}/mask", "integer bit field"),
     "module ids": (lambda f: _replace(f, f"{DET}/module_identifier", np.array([b"a"] * 3)),
@@ -287,6 +323,8 @@ BAD_CASES = {
     "parallel basis": (lambda f: _replace(f, f"{DET}/basis_vectors",
                                           np.tile([[1e-4, 0, 0], [2e-4, 0, 0]], (2, 1, 1))),
                        f"{DET}/basis_vectors", "zero or parallel"),
+    "energy vs wavelength": (lambda f: f[SRC].create_dataset("wavelength", data=1e-10),
+                             f"{SRC}/wavelength", "disagrees with"),
     "corner shape": (lambda f: _replace(f, f"{DET}/corner_position", np.zeros(3)),
                      f"{DET}/corner_position", "expected shape (2, 3)"),
     "corner NaN": (lambda f: _replace(f, f"{DET}/corner_position", [[np.nan, 0, 1], [0, 0, 1]]),

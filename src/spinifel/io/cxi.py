@@ -319,10 +319,10 @@ def _read_wavelength(f: h5py.File, path: Path, layout: CXILayout, n_images: int
             lam_e = PLANCK_J_S * SPEED_OF_LIGHT_M_S / e_j
         if w_path in f:
             lam_w = _read_scalar(f, path, w_path, n_images, _LENGTH_UNITS, "m")
-        if lam_e is not None and lam_w is not None:
-            if abs(lam_e - lam_w) > ENERGY_WAVELENGTH_RTOL * lam_w:
-                raise DatasetError(path, w_path, f"wavelength {lam_w:.6g} m disagrees with "
-                                   f"{e_path} (photon energy gives {lam_e:.6g} m)")
+        if (lam_e is not None and lam_w is not None
+                and abs(lam_e - lam_w) > ENERGY_WAVELENGTH_RTOL * lam_w):
+            raise DatasetError(path, w_path, f"wavelength {lam_w:.6g} m disagrees with "
+                               f"{e_path} (photon energy gives {lam_e:.6g} m)")
         if lam_w is not None:  # the wavelength is used as stored: no constant in between
             return lam_w, w_path
         if lam_e is not None:
@@ -375,17 +375,17 @@ def inspect_open(f: h5py.File, path: Path):
                                f"from {layout.data} shape {dset.shape}), found shape "
                                f"{getattr(ids, 'shape', None)}")
 
-    mask_name = _mask_name(f, layout)
-    if mask_name is not None:
-        mask = f[mask_name]
+    mname = mask_name(f, layout)
+    if mname is not None:
+        mask = f[mname]
         if not isinstance(mask, h5py.Dataset):
-            raise DatasetError(path, mask_name, f"expected a dataset, found {type(mask).__name__}")
+            raise DatasetError(path, mname, f"expected a dataset, found {type(mask).__name__}")
         ok = [(n_modules, h, w)] + ([(h, w)] if n_modules == 1 else [])
         if tuple(mask.shape) not in ok:
-            raise DatasetError(path, mask_name, f"expected shape {' or '.join(map(str, ok))} "
+            raise DatasetError(path, mname, f"expected shape {' or '.join(map(str, ok))} "
                                f"to match {layout.data} {dset.shape}, found {tuple(mask.shape)}")
         if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == np.bool_):
-            raise DatasetError(path, mask_name, f"expected an integer bit field (uint32), found "
+            raise DatasetError(path, mname, f"expected an integer bit field (uint32), found "
                                f"{_dtype_name(mask)}")
 
     orient_name = next((p for p in ORIENTATION_PATHS if p in f), None)
@@ -405,12 +405,13 @@ def inspect_open(f: h5py.File, path: Path):
     return DatasetInfo(
         path=str(path), n_images=n_images, panel_shape=panel_shape,  # type: ignore[arg-type]
         intensity_dtype=_dtype_name(dset), position_layout="cxi",
-        has_orientations=orient_name is not None, has_mask=mask_name is not None,
+        has_orientations=orient_name is not None, has_mask=mname is not None,
         has_ground_truth=GROUND_TRUTH in f, attrs=attrs, format="cxi",
         images_dataset=layout.data, orientations_dataset=orient_name)
 
 
-def _mask_name(f: h5py.File, layout: CXILayout) -> str | None:
+def mask_name(f: h5py.File, layout: CXILayout) -> str | None:
+    """Path of the mask: ``<detector>/mask``, else ``entry_1/data_1/mask``, else None."""
     for name in ([f"{layout.detector}/mask"] if layout.detector else []) + ["entry_1/data_1/mask"]:
         if name in f:
             return name
@@ -500,13 +501,13 @@ def raw_geometry(f: h5py.File, path: Path, info) -> tuple[np.ndarray, np.ndarray
     good-pixel mask (n_modules, H, W) bool of an open CXI file (see :mod:`spinifel.io.dataset`
     for clipping and binning)."""
     geo = read_cxi_geometry(f, path, info.n_images, info.panel_shape)
-    n_modules, h, w = info.panel_shape
+    _, h, w = info.panel_shape
     pos = reciprocal_from_lab(geo.pixel_centres((h, w)), geo.wavelength_m)
-    mask_name = _mask_name(f, locate(f, path))
-    if mask_name is None:
+    mname = mask_name(f, locate(f, path))
+    if mname is None:
         good = np.ones(info.panel_shape, dtype=bool)
     else:
-        bits = np.asarray(f[mask_name][()]).astype(np.int64).reshape(info.panel_shape)
+        bits = np.asarray(f[mname][()]).astype(np.int64).reshape(info.panel_shape)
         good = (bits & NO_WEIGHT_BITS) == 0
     return np.ascontiguousarray(pos), good
 

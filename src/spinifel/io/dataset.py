@@ -356,11 +356,18 @@ def detect_format(f: h5py.File) -> str:
 
 
 def _inspect_any(f: h5py.File, path: Path, format: str) -> DatasetInfo:
+    from spinifel.io import cxi
+
     fmt = detect_format(f) if format == "auto" else format
     if fmt == "cxi":
-        from spinifel.io import cxi
-
+        if format == "cxi" and INTENSITIES in f and not cxi.is_cxi(f):
+            raise DatasetError(path, cxi.DATA_PATHS[0], "required image stack is missing (the "
+                               "file looks like the skopi layout: set data.format = \"auto\" "
+                               "or \"skopi\")")
         return cxi.inspect_open(f, path)
+    if INTENSITIES not in f and cxi.is_cxi(f):
+        raise DatasetError(path, INTENSITIES, "required dataset is missing (the file looks like "
+                           "CXI: set data.format = \"auto\" or \"cxi\")")
     return _inspect_open(f, path)
 
 
@@ -520,7 +527,11 @@ def _geometry_open(
     pos = _bin(_clip(raw_pos, clip, 1), binning, 1, "mean")
     mask = _bin(_clip(raw_mask, clip, 1), binning, 1, "all")
     if not mask.any():
-        where = (MASK if info.format == "skopi" else "mask") if info.has_mask else None
+        where = MASK if info.has_mask else None
+        if info.has_mask and info.format == "cxi":
+            from spinifel.io import cxi
+
+            where = cxi.mask_name(f, cxi.locate(f, path))
         raise DatasetError(
             path, where,
             f"all {mask.size} pixels are masked after clip={clip}, binning={binning} "
