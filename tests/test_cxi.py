@@ -498,3 +498,24 @@ def test_info_command_on_cxi(simulated_pair, capsys):
     assert "entry_1/instrument_1/detector_1/mask" in d1["datasets"]
     text = info.format_text(d1)
     assert "cxi format" in text and "module 0" in text and "0x6df" in text
+
+
+@pytest.mark.mpi
+def test_mpi_two_rank_cxi_shards_union_equals_serial_read(tmp_path):
+    from mpi4py import MPI
+
+    from spinifel.io.dataset import shard_bounds
+
+    comm = MPI.COMM_WORLD
+    path = None
+    if comm.rank == 0:
+        path = str(two_module_file(tmp_path / "mpi.cxi", np.random.default_rng(5), n=9, h=10,
+                                   w=6)["path"])
+    path = comm.bcast(path, root=0)
+    start, stop = shard_bounds(9, comm.size, comm.rank, path=path)
+    mine = read_shard(path, start, stop, clip=1, binning=1)
+    gathered = comm.allgather((mine.images, mine.orientations))
+    serial = read_shard(path, 0, 9, clip=1, binning=1)
+    np.testing.assert_array_equal(np.concatenate([g[0] for g in gathered]), serial.images)
+    np.testing.assert_array_equal(np.concatenate([g[1] for g in gathered]), serial.orientations)
+    comm.barrier()
