@@ -38,11 +38,14 @@ class DataConfig:
     path: str
     n_images: int
     negative: str
+    format: str
 
     def __post_init__(self) -> None:
         _check(self.n_images >= 0, "data.n_images", f"must be >= 0, got {self.n_images}")
         _check(self.negative in ("error", "clip"), "data.negative",
                f"must be 'error' or 'clip', got {self.negative!r}")
+        _check(self.format in ("auto", "skopi", "cxi"), "data.format",
+               f"must be 'auto', 'skopi' or 'cxi', got {self.format!r}")
 
 
 @dataclass(frozen=True)

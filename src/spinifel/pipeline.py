@@ -158,10 +158,11 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
 
     _select_backends(cfg)
     t_io = time.perf_counter()
-    info = collective(comm, inspect_dataset, path)
+    info = collective(comm, inspect_dataset, path, cfg.data.format)
     n_images = info.n_images if cfg.data.n_images == 0 else min(cfg.data.n_images, info.n_images)
     start, stop = collective(comm, shard_bounds, n_images, size, rank)
-    geom = collective(comm, read_geometry, path, cfg.detector.clip, cfg.detector.binning)
+    geom = collective(comm, read_geometry, path, cfg.detector.clip, cfg.detector.binning,
+                      cfg.data.format)
     if a.use_true_orientations and not info.has_orientations:
         raise DatasetError(path, "orientations", "algorithm.use_true_orientations is set but the "
                            "dataset has no orientations")
@@ -173,7 +174,7 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
     out_dir = on_root(comm, output.prepare_output_dir, cfg.output.dir, overwrite=overwrite,
                       resume=resume)
     shard = collective(comm, read_shard, path, start, stop, cfg.detector.clip, cfg.detector.binning,
-                       cfg.data.negative, geom)
+                       cfg.data.negative, geom, cfg.data.format)
     t_io = time.perf_counter() - t_io
     halves = None
     if cfg.validation.half_sets:

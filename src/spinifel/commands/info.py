@@ -1,5 +1,9 @@
 """``spinifel-mpi info DATASET``: describe a dataset without reading its images.
 
+The dataset may be in the skopi layout or a CXI file (detected, or named with
+``--format``); for CXI the geometry read from the file (wavelength, module corners and
+basis vectors) is reported too.
+
 Prints the datasets' shapes and dtypes, the image count, the detector shape before and
 after clipping/binning, the number of masked pixels, the reciprocal extent and the
 resolution reached at the detector edge and corner. ``--json`` prints one JSON object
@@ -19,6 +23,7 @@ computed on the clipped and binned detector, over all pixels, masked or not:
 examples:
   spinifel-mpi info data.h5
   spinifel-mpi info data.h5 --clip 8 --binning 1 --json
+  spinifel-mpi info run42.cxi
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ def _resolution_angstrom(s_inv_m: float) -> float | None:
     return ANGSTROM_PER_METRE / s_inv_m if s_inv_m > 0 else None
 
 
-def describe(path: str, clip: int = 0, binning: int = 0) -> dict:
+def describe(path: str, clip: int = 0, binning: int = 0, format: str = "auto") -> dict:
     """Everything ``info`` reports, as a JSON-ready dict.
 
     Raises
@@ -63,18 +68,35 @@ def describe(path: str, clip: int = 0, binning: int = 0) -> dict:
     ConfigError
         Negative ``clip`` or ``binning``.
     """
-    info = inspect_dataset(path)
-    raw = read_geometry(path)
-    geom = raw if (clip, binning) == (0, 0) else read_geometry(path, clip, binning)
+    info = inspect_dataset(path, format)
+    raw = read_geometry(path, format=format)
+    geom = raw if (clip, binning) == (0, 0) else read_geometry(path, clip, binning, format)
     with h5py.File(path, "r") as f:
-        datasets = {
-            k: {"shape": list(v.shape), "dtype": str(v.dtype)}
-            for k, v in f.items()
-            if isinstance(v, h5py.Dataset)
-        }
+        if info.format == "cxi":
+            # CXI keeps its datasets in groups: list them all by path (links followed).
+            datasets = {}
+
+            def visit(name, obj):
+                if isinstance(obj, h5py.Dataset) and not name.startswith("ground_truth/"):
+                    datasets[name] = {"shape": list(obj.shape), "dtype": str(obj.dtype)}
+
+            f.visititems(visit)
+        else:
+            datasets = {
+                k: {"shape": list(v.shape), "dtype": str(v.dtype)}
+                for k, v in f.items()
+                if isinstance(v, h5py.Dataset)
+            }
     edge_s, corner_s = edge_and_corner_s(geom)
+    extra = {}
+    if info.format == "cxi":
+        from spinifel.io.cxi import describe_geometry
+
+        extra["cxi"] = describe_geometry(path)
     return {
         "path": info.path,
+        "format": info.format,
+        "images_dataset": info.images_dataset,
         "n_images": info.n_images,
         "datasets": datasets,
         "intensity_dtype": info.intensity_dtype,
@@ -95,6 +117,7 @@ def describe(path: str, clip: int = 0, binning: int = 0) -> dict:
         "has_orientations": info.has_orientations,
         "has_ground_truth": info.has_ground_truth,
         "attrs": _plain(info.attrs),
+        **extra,
     }
 
 
@@ -117,13 +140,14 @@ def _fmt_res(v: float | None) -> str:
 
 def format_text(d: dict) -> str:
     """The human-readable report of :func:`describe`'s dict."""
-    lines = [f"dataset              {d['path']}"]
+    lines = [f"dataset              {d['path']} ({d.get('format', 'skopi')} format)"]
     for name, meta in d["datasets"].items():
         lines.append(f"  {name:<30} {tuple(meta['shape'])} {meta['dtype']}")
+    layouts = {"last": "(n_panels, H, W, 3)", "first": "(3, n_panels, H, W)",
+               "cxi": "computed from the CXI detector geometry"}
     lines += [
         f"images               {d['n_images']} ({d['intensity_dtype']})",
-        f"position layout      {d['position_layout']}: "
-        f"{'(n_panels, H, W, 3)' if d['position_layout'] == 'last' else '(3, n_panels, H, W)'}",
+        f"position layout      {d['position_layout']}: {layouts[d['position_layout']]}",
         f"detector             {tuple(d['detector_shape'])}: {d['n_pixels']} pixels, "
         f"{d['n_masked']} masked",
         f"detector used        {tuple(d['detector_shape_after'])}: {d['n_pixels_after']} pixels, "
@@ -136,12 +160,28 @@ def format_text(d: dict) -> str:
         f"orientations         {'present' if d['has_orientations'] else 'absent'}",
         f"ground truth         {'present' if d['has_ground_truth'] else 'absent'}",
     ]
+    if "cxi" in d:
+        c = d["cxi"]
+        lines.append(f"wavelength           {c['wavelength_m']:.6g} m "
+                     f"({c['photon_energy_ev']:.6g} eV, from {c['wavelength_source']})")
+        where = "centred on the beam at distance" if c["centred_on_beam"] else "corner_position"
+        for m, (corner, basis) in enumerate(zip(c["corner_position_m"], c["basis_vectors_m"])):
+            lines.append(f"module {m:<13} corner {_vec(corner)} m ({where}), "
+                         f"row step {_vec(basis[0])} m, column step {_vec(basis[1])} m")
+        lines.append(f"mask bits            {c['no_weight_bits']} set = no weight")
     return "\n".join(lines)
+
+
+def _vec(v) -> str:
+    return "(" + ", ".join(f"{x:.4g}" for x in v) + ")"
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``info``: ``dataset``, ``--clip``, ``--binning``, ``--json``."""
-    parser.add_argument("dataset", help="HDF5 dataset in the SpiniFEL/skopi layout")
+    parser.add_argument("dataset", help="HDF5 dataset in the SpiniFEL/skopi layout or CXI")
+    parser.add_argument("--format", choices=("auto", "skopi", "cxi"), default="auto",
+                        help="dataset layout (default auto: CXI when the file has cxi_version "
+                             "or entry_1)")
     parser.add_argument("--clip", type=int, default=0,
                         help="pixels removed from each panel edge before binning (default 0)")
     parser.add_argument("--binning", type=int, default=0,
@@ -151,7 +191,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Print the dataset description; returns 0. Dataset errors propagate (CLI: exit 2)."""
-    d = describe(args.dataset, clip=args.clip, binning=args.binning)
+    d = describe(args.dataset, clip=args.clip, binning=args.binning, format=args.format)
     if args.json:
         print(json.dumps(d, indent=2, allow_nan=False))
     else:

@@ -118,3 +118,45 @@ def resolution_angstrom(pixel_position_reciprocal: np.ndarray) -> tuple[float, f
     edge = s[n // 2, :].max()
     corner = s.max()
     return 1e10 / float(edge), 1e10 / float(corner)
+
+
+def reciprocal_from_lab(points_m: np.ndarray, wavelength_m: float) -> np.ndarray:
+    """Reciprocal positions ``s = (u - e_z) / lambda`` of pixels at laboratory positions.
+
+    The beam runs along ``+z`` and the sample sits at the origin (the CXI and NeXus
+    convention); ``u = p / |p|`` is the direction from the sample to the pixel centre ``p``.
+    ``s_z`` is evaluated as ``-(x^2 + y^2) / (|p| (|p| + z)) / lambda``, which equals
+    ``(z / |p| - 1) / lambda`` without its cancellation near the beam, so every component is
+    accurate to a few ulp relative to ``|s|``.
+
+    Parameters
+    ----------
+    points_m : ndarray, shape (..., 3)
+        Pixel centres ``(x, y, z)`` in metres, all with ``z > 0`` (downstream of the sample).
+    wavelength_m : float
+        X-ray wavelength in metres, > 0.
+
+    Returns
+    -------
+    ndarray, shape (..., 3), float64
+        ``s`` in inverse metres, ``|s| = 2 sin(theta) / lambda``.
+
+    Raises
+    ------
+    ValueError
+        If a point has ``z <= 0`` or is not finite, or the wavelength is not positive.
+    """
+    p = np.asarray(points_m, dtype=np.float64)
+    if not np.isfinite(wavelength_m) or wavelength_m <= 0:
+        raise ValueError(f"wavelength_m must be a positive number, got {wavelength_m!r}")
+    if p.shape[-1:] != (3,):
+        raise ValueError(f"points_m must have a last axis of length 3, got shape {p.shape}")
+    if not np.isfinite(p).all():
+        raise ValueError("points_m must be finite")
+    x, y, z = p[..., 0], p[..., 1], p[..., 2]
+    if not (z > 0).all():
+        raise ValueError("every pixel must lie downstream of the sample (z > 0)")
+    rho2 = x * x + y * y
+    norm = np.sqrt(rho2 + z * z)
+    s = np.stack([x / norm, y / norm, -rho2 / (norm * (norm + z))], axis=-1)
+    return s / float(wavelength_m)

@@ -27,6 +27,12 @@ Three levels of cost:
 Pixel arrays returned by this module are flattened in ``(panel, row, col)`` C order after
 clipping and binning; positions, mask and image columns share that order.
 
+Every public function takes ``format``: ``"skopi"`` (this layout), ``"cxi"`` (CXIDB 1.6
+files, read by :mod:`spinifel.io.cxi`: images, mask bits and a detector geometry from which
+the reciprocal positions are computed) or ``"auto"`` (the default: CXI when the file has a
+``cxi_version`` or an ``entry_1`` group, else skopi). Both formats give the same objects, and
+clipping, binning and the validation of images are shared.
+
 No function here imports MPI; the caller passes ``rank`` / ``n_ranks`` to
 :func:`shard_bounds`.
 """
@@ -55,6 +61,8 @@ INDEX_MAP = "pixel_index_map"
 ORIENTATIONS = "orientations"
 MASK = "mask"
 GROUND_TRUTH = "ground_truth"
+
+FORMATS = ("auto", "skopi", "cxi")
 
 # Rows converted to float32 at a time in read_shard: bounds the temporaries (a 128x128
 # detector gives 16 MB per 256 rows) whatever the shard size.
@@ -85,12 +93,19 @@ class DatasetInfo:
         numpy name of the stored dtype of ``intensities`` (e.g. ``"float32"``).
     position_layout : str
         ``"last"`` for ``(n_panels, H, W, 3)`` (skopi) or ``"first"`` for
-        ``(3, n_panels, H, W)``.
+        ``(3, n_panels, H, W)``; ``"cxi"`` when computed from a CXI detector geometry.
     has_orientations, has_mask, has_ground_truth : bool
         Whether the optional datasets / group are present.
     attrs : dict
         The file's root attributes converted to plain Python values (bytes decoded,
         arrays as lists).
+    format : str
+        ``"skopi"`` or ``"cxi"``.
+    images_dataset : str
+        Path of the image stack in the file (``intensities`` or e.g.
+        ``entry_1/data_1/data``); a CXI stack of rank 3 is read as one module.
+    orientations_dataset : str or None
+        Path of the ground-truth orientations, when present.
     """
 
     path: str
@@ -102,6 +117,9 @@ class DatasetInfo:
     has_mask: bool
     has_ground_truth: bool
     attrs: dict = field(default_factory=dict, compare=False)
+    format: str = "skopi"
+    images_dataset: str = INTENSITIES
+    orientations_dataset: str | None = None
 
 
 @dataclass(frozen=True)
@@ -320,10 +338,40 @@ def _inspect_open(f: h5py.File, path: Path) -> DatasetInfo:
         has_mask=mask is not None,
         has_ground_truth=GROUND_TRUTH in f,
         attrs={k: _attr_value(v) for k, v in f.attrs.items()},
+        orientations_dataset=ORIENTATIONS if orient is not None else None,
     )
 
 
-def inspect_dataset(path: str | os.PathLike) -> DatasetInfo:
+def _check_format(format: str) -> None:
+    if format not in FORMATS:
+        raise ConfigError(f"data.format: expected one of {', '.join(FORMATS)}, found {format!r}")
+
+
+def detect_format(f: h5py.File) -> str:
+    """``"cxi"`` if an open file has a root ``cxi_version`` or an ``entry_1`` group, else
+    ``"skopi"``."""
+    from spinifel.io import cxi
+
+    return "cxi" if cxi.is_cxi(f) else "skopi"
+
+
+def _inspect_any(f: h5py.File, path: Path, format: str) -> DatasetInfo:
+    from spinifel.io import cxi
+
+    fmt = detect_format(f) if format == "auto" else format
+    if fmt == "cxi":
+        if format == "cxi" and INTENSITIES in f and not cxi.is_cxi(f):
+            raise DatasetError(path, cxi.DATA_PATHS[0], "required image stack is missing (the "
+                               "file looks like the skopi layout: set data.format = \"auto\" "
+                               "or \"skopi\")")
+        return cxi.inspect_open(f, path)
+    if INTENSITIES not in f and cxi.is_cxi(f):
+        raise DatasetError(path, INTENSITIES, "required dataset is missing (the file looks like "
+                           "CXI: set data.format = \"auto\" or \"cxi\")")
+    return _inspect_open(f, path)
+
+
+def inspect_dataset(path: str | os.PathLike, format: str = "auto") -> DatasetInfo:
     """Validate a dataset's structure from its metadata and describe it (no bulk read).
 
     Checks that the file exists and is HDF5, that ``intensities`` and
@@ -335,10 +383,14 @@ def inspect_dataset(path: str | os.PathLike) -> DatasetInfo:
     of ``intensities``. When both layouts fit (e.g. ``n_panels == 3`` and ``W == 3``)
     skopi's ``(n_panels, H, W, 3)`` is assumed.
 
+    CXI files are checked as described in :func:`spinifel.io.cxi.inspect_open`.
+
     Parameters
     ----------
     path : str or path-like
         The HDF5 file.
+    format : {"auto", "skopi", "cxi"}
+        The layout; ``"auto"`` detects it (see the module docstring).
 
     Returns
     -------
@@ -348,10 +400,13 @@ def inspect_dataset(path: str | os.PathLike) -> DatasetInfo:
     ------
     DatasetError
         With a one-line message naming the file, the dataset and expected versus found.
+    ConfigError
+        Unknown ``format``.
     """
+    _check_format(format)
     p = Path(path)
     with _open(p) as f:
-        return _inspect_open(f, p)
+        return _inspect_any(f, p, format)
 
 
 # --------------------------------------------------------------------------------------
@@ -366,7 +421,8 @@ def _check_clip_bin(clip: int, binning: int) -> None:
 
 
 def binned_shape(
-    path: str | os.PathLike, panel_shape: tuple[int, int, int], clip: int, binning: int
+    path: str | os.PathLike, panel_shape: tuple[int, int, int], clip: int, binning: int,
+    dataset: str = INTENSITIES,
 ) -> tuple[int, int, int]:
     """Detector shape ``(n_panels, H', W')`` after clipping ``clip`` pixels per edge and
     ``binning`` 2x2 binning passes.
@@ -382,13 +438,13 @@ def binned_shape(
     hc, wc = h - 2 * clip, w - 2 * clip
     if hc < 1 or wc < 1:
         raise DatasetError(
-            path, INTENSITIES,
+            path, dataset,
             f"clip={clip} removes the whole {h}x{w} panel (need 2*clip < H and W)",
         )
     f = 2**binning
     if hc % f or wc % f:
         raise DatasetError(
-            path, INTENSITIES,
+            path, dataset,
             f"panel {h}x{w} clipped by {clip} is {hc}x{wc}, not divisible by 2**binning = {f}",
         )
     return n_panels, hc // f, wc // f
@@ -454,14 +510,28 @@ def _read_mask(f: h5py.File, info: DatasetInfo) -> np.ndarray:
     return np.asarray(f[MASK][()]) != 0
 
 
+def _raw_geometry(f: h5py.File, path: Path, info: DatasetInfo) -> tuple[np.ndarray, np.ndarray]:
+    """Unclipped positions (n_panels, H, W, 3) float64 and mask (n_panels, H, W) bool."""
+    if info.format == "cxi":
+        from spinifel.io import cxi
+
+        return cxi.raw_geometry(f, path, info)
+    return _read_positions(f, path, info), _read_mask(f, info)
+
+
 def _geometry_open(
     f: h5py.File, path: Path, info: DatasetInfo, clip: int, binning: int
 ) -> DetectorGeometry:
-    shape = binned_shape(path, info.panel_shape, clip, binning)
-    pos = _bin(_clip(_read_positions(f, path, info), clip, 1), binning, 1, "mean")
-    mask = _bin(_clip(_read_mask(f, info), clip, 1), binning, 1, "all")
+    shape = binned_shape(path, info.panel_shape, clip, binning, info.images_dataset)
+    raw_pos, raw_mask = _raw_geometry(f, path, info)
+    pos = _bin(_clip(raw_pos, clip, 1), binning, 1, "mean")
+    mask = _bin(_clip(raw_mask, clip, 1), binning, 1, "all")
     if not mask.any():
         where = MASK if info.has_mask else None
+        if info.has_mask and info.format == "cxi":
+            from spinifel.io import cxi
+
+            where = cxi.mask_name(f, cxi.locate(f, path))
         raise DatasetError(
             path, where,
             f"all {mask.size} pixels are masked after clip={clip}, binning={binning} "
@@ -475,7 +545,8 @@ def _geometry_open(
     return DetectorGeometry(positions=positions, mask=mask, shape=shape, reciprocal_extent=extent)
 
 
-def read_geometry(path: str | os.PathLike, clip: int = 0, binning: int = 0) -> DetectorGeometry:
+def read_geometry(path: str | os.PathLike, clip: int = 0, binning: int = 0,
+                  format: str = "auto") -> DetectorGeometry:
     """Read the detector: reciprocal pixel positions and mask, clipped and binned.
 
     Parameters
@@ -489,6 +560,9 @@ def read_geometry(path: str | os.PathLike, clip: int = 0, binning: int = 0) -> D
         Positions are averaged over a block; the block is a good pixel only if all its
         pixels are good, because the summed photon count of a partly masked block would be
         biased low against the model slice at the block's mean position.
+    format : {"auto", "skopi", "cxi"}
+        The layout (see the module docstring). CXI positions are computed from the
+        detector geometry (:mod:`spinifel.io.cxi`), per module, before clipping and binning.
 
     Returns
     -------
@@ -501,12 +575,13 @@ def read_geometry(path: str | os.PathLike, clip: int = 0, binning: int = 0) -> D
         Structural problems (see :func:`inspect_dataset`), non-finite or all-zero
         positions, clipped H/W not divisible by ``2**binning``, all pixels masked.
     ConfigError
-        Negative or non-integer ``clip`` / ``binning``.
+        Negative or non-integer ``clip`` / ``binning``, unknown ``format``.
     """
     _check_clip_bin(clip, binning)
+    _check_format(format)
     p = Path(path)
     with _open(p) as f:
-        info = _inspect_open(f, p)
+        info = _inspect_any(f, p, format)
         return _geometry_open(f, p, info, clip, binning)
 
 
@@ -554,6 +629,7 @@ def _pixel_label(shape: tuple[int, ...], flat: int, clip: int) -> str:
 
 def _validate_chunk(
     x: np.ndarray, good: np.ndarray, row0: int, path: Path, negative: str, clip: int,
+    dataset: str = INTENSITIES,
 ) -> int:
     """Check a chunk (n, n_panels, Hc, Wc) float32 of clipped images in place.
 
@@ -568,7 +644,7 @@ def _validate_chunk(
         i, j = np.argwhere(bad)[0]
         pix = _pixel_label(good.shape, int(np.flatnonzero(gflat)[j]), clip)
         raise DatasetError(
-            path, INTENSITIES,
+            path, dataset,
             f"image {row0 + i} (file row {row0 + i}): expected finite values, found "
             f"{xg[i, j]} at good pixel {pix}",
         )
@@ -578,7 +654,7 @@ def _validate_chunk(
             i, j = np.argwhere(neg)[0]
             pix = _pixel_label(good.shape, int(np.flatnonzero(gflat)[j]), clip)
             raise DatasetError(
-                path, INTENSITIES,
+                path, dataset,
                 f"image {row0 + i} (file row {row0 + i}): expected photon counts >= 0, found "
                 f"{xg[i, j]} at good pixel {pix} (set negative='clip' to clip them to 0)",
             )
@@ -595,6 +671,7 @@ def read_shard(
     binning: int = 0,
     negative: str = "error",
     geometry: DetectorGeometry | None = None,
+    format: str = "auto",
 ) -> ImageShard:
     """Read and validate the images of file rows ``[start, stop)`` only.
 
@@ -618,6 +695,8 @@ def read_shard(
     geometry : DetectorGeometry, optional
         The result of ``read_geometry(path, clip, binning)`` if the caller already has it
         (its mask is used); read here otherwise.
+    format : {"auto", "skopi", "cxi"}
+        The layout (see the module docstring).
 
     Returns
     -------
@@ -632,27 +711,29 @@ def read_shard(
         NaN/Inf or (with ``negative="error"``) negative value at a good pixel, or no
         nonzero good pixel; non-finite or non-unit ground-truth quaternions.
     ConfigError
-        Bad ``negative``, ``clip`` or ``binning``.
+        Bad ``negative``, ``clip``, ``binning`` or ``format``.
     """
     if negative not in ("error", "clip"):
         raise ConfigError(f"negative: expected 'error' or 'clip', found {negative!r}")
     _check_clip_bin(clip, binning)
+    _check_format(format)
     p = Path(path)
     with _open(p) as f:
-        info = _inspect_open(f, p)
+        info = _inspect_any(f, p, format)
+        images_name = info.images_dataset
         n = info.n_images
         if not (isinstance(start, (int, np.integer)) and isinstance(stop, (int, np.integer))
                 and 0 <= start <= stop <= n):
             raise DatasetError(
-                p, INTENSITIES, f"expected rows 0 <= start <= stop <= {n}, found [{start}, {stop})"
+                p, images_name, f"expected rows 0 <= start <= stop <= {n}, found [{start}, {stop})"
             )
         start, stop = int(start), int(stop)
-        shape = binned_shape(p, info.panel_shape, clip, binning)
+        shape = binned_shape(p, info.panel_shape, clip, binning, images_name)
         if geometry is None:
             geometry = _geometry_open(f, p, info, clip, binning)
         elif tuple(geometry.shape) != shape:
             raise DatasetError(
-                p, INTENSITIES,
+                p, images_name,
                 f"geometry shape {tuple(geometry.shape)} does not match the dataset's "
                 f"{shape} after clip={clip}, binning={binning}",
             )
@@ -663,20 +744,22 @@ def read_shard(
         good_raw = np.repeat(np.repeat(good_b, f_bin, axis=1), f_bin, axis=2)
 
         images = np.empty((stop - start, geometry.n_pixels), dtype=np.float32)
-        dset = f[INTENSITIES]
+        dset = f[images_name]
         n_clipped = 0
         for a in range(start, stop, _CHUNK_ROWS):
             b = min(a + _CHUNK_ROWS, stop)
+            # A CXI stack of rank 3 (N, H, W) is one module: view it as (N, 1, H, W).
+            rows = np.asarray(dset[a:b]).reshape((b - a,) + tuple(info.panel_shape))
             with np.errstate(over="ignore"):  # float64 beyond float32 -> inf, caught below
-                x = np.array(_clip(np.asarray(dset[a:b]), clip, 2), dtype=np.float32)
-            n_clipped += _validate_chunk(x, good_raw, a, p, negative, clip)
+                x = np.array(_clip(rows, clip, 2), dtype=np.float32)
+            n_clipped += _validate_chunk(x, good_raw, a, p, negative, clip, images_name)
             x[:, ~good_raw] = 0  # before binning: NaN in a bad pixel must not spread
             xb = _bin(x, binning, 2, "sum").reshape(b - a, -1)
             empty = ~np.any(xb[:, geometry.mask] != 0, axis=1)
             if empty.any():
                 i = int(np.argmax(empty))
                 raise DatasetError(
-                    p, INTENSITIES,
+                    p, images_name,
                     f"image {a + i} (file row {a + i}): expected some photons, found all "
                     f"{int(geometry.mask.sum())} good pixels zero",
                 )
@@ -684,18 +767,19 @@ def read_shard(
         if n_clipped:
             log.warning(
                 "%s:%s: clipped %d negative photon counts to 0 in rows [%d, %d)",
-                p, INTENSITIES, n_clipped, start, stop,
+                p, images_name, n_clipped, start, stop,
             )
 
         orientations = None
         if info.has_orientations:
-            q = np.asarray(f[ORIENTATIONS][start:stop], dtype=np.float64).reshape(stop - start, 4)
+            q_name = info.orientations_dataset or ORIENTATIONS
+            q = np.asarray(f[q_name][start:stop], dtype=np.float64).reshape(stop - start, 4)
             norm = np.linalg.norm(q, axis=1)
             bad = ~np.isfinite(norm) | (np.abs(norm - 1) > _QUATERNION_NORM_TOL)
             if bad.any():
                 i = int(np.argmax(bad))
                 raise DatasetError(
-                    p, ORIENTATIONS,
+                    p, q_name,
                     f"row {start + i}: expected a finite unit quaternion [w, x, y, z], "
                     f"found norm {norm[i]}",
                 )
