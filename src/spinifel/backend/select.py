@@ -168,12 +168,15 @@ def bind_device(backends: Backends, node_rank: int, node_size: int) -> Backends:
 
 # Bytes per orientation per pixel of one slicing + matching batch on the device, in units
 # of the real item size: the three point coordinates (3), the complex NUFFT output (2), the
-# real slice (1) and its transformed copy (1).
+# real slice (1) and its transformed copy (1) ...
 ORIENTATION_ITEMS_PER_PIXEL = 7
+# ... plus, per NUFFT point, cufinufft's two int32 sort/index arrays.
+NUFFT_BYTES_PER_POINT = 8
 # Bytes per image per pixel of one merge batch (always float64/complex128): the three point
-# coordinates (3 x 8), the complex values of the right-hand side and of the kernel weights
-# (2 x 16) and the real weighted values (8).
-IMAGE_BYTES_PER_PIXEL = 64
+# coordinates (3 x 8), their rotation temporary (8), the float64 image and weighted values
+# (2 x 8) and the complex values of one type-1 NUFFT (16); measured on the numpy path at
+# 64.5 (tests/test_gpu_path.py); rounded up for the NUFFT's point indices.
+IMAGE_BYTES_PER_PIXEL = 80
 
 
 def batch_caps(free_bytes: int, n_pixels: int, precision: str, fraction: float = 0.5
@@ -207,7 +210,7 @@ def batch_caps(free_bytes: int, n_pixels: int, precision: str, fraction: float =
         raise ValueError(f"n_pixels must be >= 1, got {n_pixels}")
     item = 4 if precision == "single" else 8
     budget = max(int(free_bytes), 0) * fraction
-    per_orientation = n_pixels * ORIENTATION_ITEMS_PER_PIXEL * item
+    per_orientation = n_pixels * (ORIENTATION_ITEMS_PER_PIXEL * item + NUFFT_BYTES_PER_POINT)
     per_image = n_pixels * IMAGE_BYTES_PER_PIXEL
     return max(1, int(budget // per_orientation)), max(1, int(budget // per_image))
 
