@@ -65,13 +65,13 @@ def kernel_spectrum(kernel: np.ndarray, workers: int = 1) -> np.ndarray:
 def _rfftn(xp, x, workers):
     if xp is np:
         return fft_module(xp).rfftn(x, workers=workers)
-    return fft_module(xp).rfftn(x)
+    return fft_module(xp).rfftn(x, axes=(0, 1, 2))
 
 
 def _irfftn(xp, f, shape, workers):
     if xp is np:
         return fft_module(xp).irfftn(f, s=shape, workers=workers, overwrite_x=True)
-    return fft_module(xp).irfftn(f, s=shape)
+    return fft_module(xp).irfftn(f, s=shape, axes=(0, 1, 2))
 
 
 class ToeplitzNormalOperator:
