@@ -554,3 +554,52 @@ def test_pipeline_gpu_branches_match_numpy(monkeypatch, tmp_path, mode, scale):
     assert np.allclose(dev["orientations"], ref["orientations"], atol=1e-6)
     assert np.allclose(dev["autocorrelation"], ref["autocorrelation"], rtol=1e-5,
                        atol=1e-5 * np.abs(ref["autocorrelation"]).max())
+
+
+@pytest.mark.mpi(min_size=2)
+def test_gpu_branches_on_two_ranks_match_numpy(monkeypatch):
+    """Ring matching and the merge with device (stand-in) arrays over real MPI: the staged
+    sendrecv/Allreduce/Bcast give the serial numpy result."""
+    from mpi4py import MPI
+
+    import fake_cupy
+
+    from spinifel.geometry.orientations import orientation_grid
+    from spinifel.matching import match_distributed, match_orientations
+    from spinifel.merging.merge import accumulate_normal_equations, merge
+    from spinifel.parallel.partition import block_range
+    from spinifel.slicing import Slicer
+
+    comm = MPI.COMM_WORLD
+    rng = np.random.default_rng(9)
+    M = 9
+    x = rng.uniform(0, 1, (M, M, M))
+    ac = np.real(np.fft.fftshift(np.fft.ifftn(np.abs(np.fft.fftn(np.fft.ifftshift(x))) ** 2)))
+    s = rng.uniform(-1, 1, (3, 60)) * 1e9
+    extent = np.linalg.norm(s, axis=0).max()
+    grid = orientation_grid(150)
+    images = np.abs(rng.standard_normal((21, 60))).astype(np.float32) * 1e3
+    q = grid[rng.choice(150, 21)]
+    a, b = block_range(len(images), comm.Get_size(), comm.Get_rank())
+    ref = match_orientations(images, Slicer(ac, s, extent, 1e-6).iter_batches(grid, 50), True,
+                             4096, "sqrt")
+    eq_ref = accumulate_normal_equations(SerialComm(), images, q, s, extent, M, eps=1e-9)
+    kw = dict(lambdas_rel=[1e-3, 1e-2, 1e-1], x0=np.zeros((M, M, M)), x_init=np.zeros((M, M, M)),
+              support=None, max_iter=15, tol=1e-10)
+    res_ref = merge(SerialComm(), eq_ref, **kw)
+
+    cp = fake_cupy.install(monkeypatch)
+    slicer = Slicer(ac, cp.asarray(s), extent, 1e-6)
+    got = match_distributed(comm, cp.asarray(images[a:b]), slicer, grid, 50, True, 4096, "sqrt")
+    assert isinstance(got.best_index, cp.ndarray)
+    got = got.to(np)
+    assert np.array_equal(got.best_index, ref.best_index[a:b])
+    assert np.allclose(got.best_dist, ref.best_dist[a:b], rtol=1e-5)
+    eq = accumulate_normal_equations(comm, cp.asarray(images[a:b]), q[a:b], cp.asarray(s), extent,
+                                     M, eps=1e-9)
+    assert isinstance(eq.rhs, cp.ndarray) and isinstance(eq.spectrum, cp.ndarray)
+    assert np.allclose(eq.rhs.get(), eq_ref.rhs, rtol=1e-9, atol=1e-9 * np.abs(eq_ref.rhs).max())
+    res = merge(comm, eq, **kw)
+    assert isinstance(res.autocorrelation, cp.ndarray) and res.index == res_ref.index
+    assert np.allclose(res.autocorrelation.get(), res_ref.autocorrelation, rtol=1e-8,
+                       atol=1e-8 * np.abs(res_ref.autocorrelation).max())
