@@ -157,7 +157,8 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
     mem_est = _memory_estimate(cfg, stop - start, int(geom.mask.sum()))
     if dry_run:
         plan = {"ranks": size, "n_images": n_images, "images_per_rank": _all(comm, stop - start),
-                "pixels": int(geom.mask.sum()), "memory_per_rank_bytes": mem_est}
+                "pixels": int(geom.mask.sum()), "memory_per_rank_bytes": mem_est,
+                "array_backend": be.array, "nufft_backend": be.nufft}
         return plan
     out_dir = on_root(comm, output.prepare_output_dir, cfg.output.dir, overwrite=overwrite,
                       resume=resume)
