@@ -603,3 +603,16 @@ def test_gpu_branches_on_two_ranks_match_numpy(monkeypatch):
     assert isinstance(res.autocorrelation, cp.ndarray) and res.index == res_ref.index
     assert np.allclose(res.autocorrelation.get(), res_ref.autocorrelation, rtol=1e-8,
                        atol=1e-8 * np.abs(res_ref.autocorrelation).max())
+
+
+def test_cpu_install_has_no_gpu_packages():
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = " ".join(project["dependencies"]).lower()
+    assert "cupy" not in names and "cufinufft" not in names
+    gpu = " ".join(project["optional-dependencies"]["gpu"]).lower()
+    assert "cupy-cuda12x" in gpu and "cufinufft" in gpu

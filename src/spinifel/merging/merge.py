@@ -25,9 +25,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from spinifel.backend.arrays import get_array_module, to_module
+from spinifel.backend.nufft import Type1
 from spinifel.merging.cg import conjugate_gradient
 from spinifel.merging.lcurve import lcurve_corner
-from spinifel.merging.operator import ToeplitzNormalOperator, adjoint_to_grid, kernel_spectrum
+from spinifel.merging.operator import ToeplitzNormalOperator, kernel_spectrum
 from spinifel.parallel.collectives import allreduce_sum, bcast_array
 from spinifel.parallel.partition import round_robin
 from spinifel.slicing import rotated_points
@@ -102,13 +103,18 @@ def accumulate_normal_equations(comm: Any, images: np.ndarray, quaternions: np.n
     rhs = xp.zeros((M, M, M), dtype=np.complex128)
     kern = xp.zeros((2 * M,) * 3, dtype=np.complex128)
     data_sq = xp.zeros(())  # stays on the device: no synchronisation per batch
+    # two plans for all batches (on a GPU a plan allocates its fine grid and cuFFT plan)
+    plan_rhs = Type1((M,) * 3, eps, np.float64, nthreads, xp=xp)
+    plan_kern = Type1((2 * M,) * 3, eps, np.float64, nthreads, xp=xp)
     for a in range(0, images.shape[0], image_batch):
         b = min(a + image_batch, images.shape[0])
         pts = rotated_points(quaternions[a:b], positions, reciprocal_extent, np.float64)
         x = xp.asarray(images[a:b], dtype=np.float64)
         vals = (x * w).ravel()
-        rhs += adjoint_to_grid(pts, vals, M, eps, nthreads)
-        kern += adjoint_to_grid(pts, xp.tile(w, b - a), 2 * M, eps, nthreads)
+        plan_rhs.setpts(pts)
+        rhs += plan_rhs.execute(vals)
+        plan_kern.setpts(pts)
+        kern += plan_kern.execute(xp.tile(w, b - a))
         data_sq += ((x * x) @ w).sum() if xp is not np else np.einsum(
             "np,np,p->", images[a:b], images[a:b], w, dtype=np.float64)
     t1 = time.perf_counter()
