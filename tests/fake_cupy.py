@@ -26,7 +26,7 @@ TRANSFERS: list[int] = []  # nbytes of every device -> host copy
 CALLS: list[str] = []  # "plan1"/"plan2" per cufinufft plan, "fused" per kernel launch
 
 
-class ndarray(np.ndarray):  # noqa: N801 - mirrors cupy.ndarray
+class ndarray(np.ndarray):
     def get(self):
         TRANSFERS.append(self.nbytes)
         return np.array(self.view(np.ndarray), copy=True)

@@ -367,7 +367,7 @@ def _gpu():
 
 def _cufinufft():
     try:
-        import cufinufft  # noqa: F401
+        import cufinufft
 
         return True
     except Exception:
@@ -448,12 +448,12 @@ def test_matching_on_device_uses_the_fused_kernel_and_agrees(rng, scale):
 @pytest.mark.gpu
 @needs_cufinufft
 def test_pipeline_numpy_vs_cupy(tmp_path):
+    import h5py
+
     from spinifel.config import load_config
     from spinifel.pipeline import run_pipeline
     from spinifel.simulate.dataset import simulate_dataset
     from spinifel.simulate.structure import builtin_molecule
-
-    import h5py
 
     path = tmp_path / "tiny.h5"
     simulate_dataset(path, builtin_molecule(seed=0, n_atoms=300), n_images=200, n_pixels=16,
@@ -481,7 +481,6 @@ def test_pipeline_numpy_vs_cupy(tmp_path):
 
 def test_cg_synchronises_once_per_iteration(monkeypatch, rng):
     import fake_cupy
-
     from spinifel.merging.cg import conjugate_gradient
     from spinifel.merging.operator import ToeplitzNormalOperator
 
@@ -501,7 +500,6 @@ def test_cg_synchronises_once_per_iteration(monkeypatch, rng):
 
 def test_phasing_transfers_do_not_grow_with_iterations(monkeypatch, rng):
     import fake_cupy
-
     from spinifel.phasing.algorithms import autocorrelation_from_density
     from spinifel.phasing.phase import phase
 
@@ -524,9 +522,9 @@ def test_pipeline_gpu_branches_match_numpy(monkeypatch, tmp_path, mode, scale):
     """The whole pipeline with runtime.backend = cupy on the stand-in: the GPU branches run
     (cufinufft plans on device arrays, fused-kernel matching, staged collectives, pool
     release) and give the numpy result up to round-off."""
-    import fake_cupy
     import h5py
 
+    import fake_cupy
     from helpers import write_dataset
     from spinifel.config import load_config
     from spinifel.pipeline import run_pipeline
@@ -563,7 +561,6 @@ def test_gpu_branches_on_two_ranks_match_numpy(monkeypatch):
     from mpi4py import MPI
 
     import fake_cupy
-
     from spinifel.geometry.orientations import orientation_grid
     from spinifel.matching import match_distributed, match_orientations
     from spinifel.merging.merge import accumulate_normal_equations, merge

@@ -12,9 +12,9 @@ import importlib
 import importlib.util
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
