@@ -45,13 +45,51 @@ def test_launch_line_dry_run(script, tmp_path, rng):
         p.chmod(0o755)
     data = tmp_path / "d.h5"
     write_dataset(data, n_images=6, rng=rng)
+    # BACKEND=auto: the GPU templates' launch lines validate on this CPU machine too
     env = dict(os.environ, PATH=f"{fake}:{BIN}:{os.environ['PATH']}", DATASET=str(data),
-               OUT=str(tmp_path / "out"), CONFIG=str(ROOT / "examples" / "2cex.toml"))
+               OUT=str(tmp_path / "out"), CONFIG=str(ROOT / "examples" / "2cex.toml"),
+               BACKEND="auto")
     r = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, cwd=ROOT,
                        timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert '"n_images": 6' in r.stdout
     assert (tmp_path / "out" / "environment.txt").exists()
+    expected = "cupy" if "gpu" in script.name and _gpu_visible() else "numpy"
+    assert f'"array_backend": "{expected}"' in r.stdout
+
+
+def _gpu_visible():
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+GPU_JOBS = [p for p in JOBS if "gpu" in p.name]
+
+
+@pytest.mark.skipif(_gpu_visible(), reason="a GPU is visible: BACKEND=cupy would succeed")
+@pytest.mark.parametrize("script", GPU_JOBS, ids=[p.name for p in GPU_JOBS])
+def test_gpu_job_without_gpu_fails_clearly(script, tmp_path, rng):
+    """The GPU templates default to runtime.backend=cupy: without a GPU the launch line stops
+    with one line naming the key instead of silently running on the CPU."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name, body in FAKE.items():
+        p = fake / name
+        p.write_text("#!/bin/sh\n" + body + "\n")
+        p.chmod(0o755)
+    data = tmp_path / "d.h5"
+    write_dataset(data, n_images=6, rng=rng)
+    env = dict(os.environ, PATH=f"{fake}:{BIN}:{os.environ['PATH']}", DATASET=str(data),
+               OUT=str(tmp_path / "out"), CONFIG=str(ROOT / "examples" / "2cex.toml"))
+    env.pop("BACKEND", None)
+    r = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, cwd=ROOT,
+                       timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "runtime.backend" in r.stderr and "Traceback" not in r.stderr
 
 
 EXAMPLES = sorted((ROOT / "examples").glob("*.toml"))

@@ -65,6 +65,7 @@ class RuntimeConfig:
     precision: str
     threads_per_rank: int
     seed: int
+    cuda_aware_mpi: bool
 
     def __post_init__(self) -> None:
         _check(self.backend in ("auto", "numpy", "cupy"), "runtime.backend",

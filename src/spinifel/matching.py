@@ -12,14 +12,21 @@ orientations apart, are not drowned by the nearly isotropic central peak.
 With ``scale_per_image`` the model slice is first scaled by the best non-negative factor
 ``c = max(x.y, 0) / ||y||^2`` (images with varying fluence); the distance is then
 ``||x||^2 - max(x.y, 0)^2 / ||y||^2``.
+
+Everything follows the array module of the images: with cupy arrays the (GEMM + argmin)
+of each batch is our fused CUDA kernel (``spinifel/cuda/match_fused.cu``), which reduces
+straight to the best (distance, index) per image without the ``n x B`` distance matrix;
+the numpy path below is its reference.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
+
+from spinifel.backend.arrays import get_array_module, to_module
 
 
 @dataclass
@@ -41,9 +48,14 @@ class MatchState:
     best_scale: np.ndarray
 
     @classmethod
-    def empty(cls, n_images: int) -> "MatchState":
-        return cls(np.full(n_images, -1, dtype=np.int64), np.full(n_images, np.inf),
-                   np.ones(n_images))
+    def empty(cls, n_images: int, xp: Any = np) -> "MatchState":
+        return cls(xp.full(n_images, -1, dtype=np.int64), xp.full(n_images, np.inf),
+                   xp.ones(n_images))
+
+    def to(self, xp: Any) -> "MatchState":
+        """The same state on array module ``xp`` (host staging for MPI, back to the device)."""
+        return MatchState(to_module(self.best_index, xp), to_module(self.best_dist, xp),
+                          to_module(self.best_scale, xp))
 
     def merge(self, other: "MatchState") -> None:
         """Keep, per image, the better of two states (ties: the lower orientation index)."""
@@ -69,7 +81,13 @@ def update_matches(state: MatchState, images: np.ndarray, image_sq: np.ndarray, 
         ``||x||^2`` of each image (precomputed once).
     slices : ndarray (B, P)
         Model slices of orientations ``offset .. offset + B - 1``, same dtype as images.
+
+    With cupy arrays the fused kernel does the work (:func:`_update_matches_fused`).
     """
+    xp = get_array_module(images, slices)
+    if xp is not np:
+        _update_matches_fused(state, images, slices, offset, scale_per_image, image_batch)
+        return
     slices = np.asarray(slices, dtype=images.dtype)
     slice_sq = np.einsum("bp,bp->b", slices, slices, dtype=np.float64)
     for a in range(0, images.shape[0], image_batch):
@@ -102,6 +120,43 @@ def update_matches(state: MatchState, images: np.ndarray, image_sq: np.ndarray, 
         state.best_scale[sl] = scale[better]
 
 
+def _fold(state: MatchState, a: int, b: int, dist, gidx, scale) -> None:
+    """Keep the better of ``state[a:b]`` and a new candidate (ties: lower index)."""
+    xp = get_array_module(dist)
+    better = (dist < state.best_dist[a:b]) | (
+        (dist == state.best_dist[a:b]) & (gidx < state.best_index[a:b]))
+    state.best_index[a:b] = xp.where(better, gidx, state.best_index[a:b])
+    state.best_dist[a:b] = xp.where(better, dist, state.best_dist[a:b])
+    state.best_scale[a:b] = xp.where(better, scale, state.best_scale[a:b])
+
+
+def _update_matches_fused(state: MatchState, images, slices, offset: int,
+                          scale_per_image: bool, image_batch: int) -> None:
+    """GPU path of :func:`update_matches`: one fused kernel launch per image block.
+
+    The kernel computes float32 distances (``match_fused_reference`` is its numpy twin),
+    all pixels weighted 1 (masked pixels are already removed from images and slices).
+    The scale factor of the winning slice is recomputed from that slice alone.
+    """
+    from spinifel.backend.kernels import match_fused_gpu
+
+    xp = get_array_module(images)
+    slices = xp.ascontiguousarray(slices, dtype=xp.float32)
+    weights = xp.ones(slices.shape[1], dtype=xp.float32)
+    for a in range(0, images.shape[0], image_batch):
+        b = min(a + image_batch, images.shape[0])
+        x = xp.ascontiguousarray(images[a:b], dtype=xp.float32)
+        dist, gidx = match_fused_gpu(x, slices, weights, scale_per_image, slice_offset=offset)
+        if scale_per_image:
+            y = slices[gidx - offset].astype(xp.float64)
+            cross = xp.maximum(xp.einsum("np,np->n", x.astype(xp.float64), y), 0)
+            ysq = xp.einsum("np,np->n", y, y)
+            scale = xp.where(ysq > 0, cross / xp.where(ysq > 0, ysq, 1), 0.0)
+        else:
+            scale = xp.ones(b - a)
+        _fold(state, a, b, dist, gidx, scale)
+
+
 TRANSFORMS = ("none", "sqrt")
 
 
@@ -110,7 +165,8 @@ def apply_transform(x: np.ndarray, transform: str) -> np.ndarray:
     if transform == "none":
         return x
     if transform == "sqrt":
-        return np.sqrt(np.maximum(x, 0, dtype=x.dtype))
+        xp = get_array_module(x)
+        return xp.sqrt(xp.maximum(x, 0, dtype=x.dtype))
     raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
 
 
@@ -132,9 +188,10 @@ def match_orientations(images: np.ndarray, slice_batches: Iterable[tuple[int, np
     -------
     MatchState
     """
+    xp = get_array_module(images)
     images = apply_transform(images, transform)
-    image_sq = np.einsum("np,np->n", images, images, dtype=np.float64)
-    state = MatchState.empty(images.shape[0])
+    image_sq = xp.einsum("np,np->n", images, images, dtype=np.float64) if xp is np else None
+    state = MatchState.empty(images.shape[0], xp)
     for offset, slices in slice_batches:
         update_matches(state, images, image_sq, apply_transform(slices, transform), offset,
                        scale_per_image, image_batch)
@@ -181,8 +238,9 @@ def refine_orientations(images: np.ndarray, quaternions: np.ndarray, slicer, ste
     """
     from spinifel.geometry.orientations import canonical, multiply
 
+    xp = get_array_module(images)
     images = apply_transform(images, transform)
-    q = np.array(quaternions, dtype=np.float64, copy=True)
+    q = np.array(to_module(quaternions, np), dtype=np.float64, copy=True)
     dist = np.full(len(q), np.inf)
     for r in range(n_rounds):
         offsets = _local_offsets(step / 2**r)
@@ -192,18 +250,26 @@ def refine_orientations(images: np.ndarray, quaternions: np.ndarray, slicer, ste
             cand = multiply(q[a:b, None, :], offsets[None, :, :]).reshape(-1, 4)
             y = apply_transform(slicer.slices(cand), transform).reshape(b - a, k, -1)
             x = images[a:b]
-            cross = np.einsum("np,nkp->nk", x, y, dtype=np.float64)
-            ysq = np.einsum("nkp,nkp->nk", y, y, dtype=np.float64)
-            xsq = np.einsum("np,np->n", x, x, dtype=np.float64)[:, None]
+            if xp is np:
+                cross = np.einsum("np,nkp->nk", x, y, dtype=np.float64)
+                ysq = np.einsum("nkp,nkp->nk", y, y, dtype=np.float64)
+                xsq = np.einsum("np,np->n", x, x, dtype=np.float64)[:, None]
+            else:  # float64 accumulation on the device too (the candidates are close)
+                x64, y64 = x.astype(xp.float64), y.astype(xp.float64)
+                cross = xp.einsum("np,nkp->nk", x64, y64)
+                ysq = xp.einsum("nkp,nkp->nk", y64, y64)
+                xsq = xp.einsum("np,np->n", x64, x64)[:, None]
             if scale_per_image:
-                pos = np.maximum(cross, 0)
-                d = xsq - np.divide(pos * pos, ysq, out=np.zeros_like(pos), where=ysq > 0)
+                pos = xp.maximum(cross, 0)
+                d = xsq - xp.where(ysq > 0, pos * pos / xp.where(ysq > 0, ysq, 1), 0)
             else:
                 d = xsq + ysq - 2 * cross
-            best = np.argmin(d, axis=1)
-            rows = np.arange(b - a)
-            q[a:b] = cand.reshape(b - a, k, 4)[rows, best]
-            dist[a:b] = d[rows, best]
+            rows = xp.arange(b - a)
+            best = xp.argmin(d, axis=1)
+            # the candidate quaternions live on the host: one small copy per image block
+            best_h = to_module(best, np)
+            q[a:b] = cand.reshape(b - a, k, 4)[np.arange(b - a), best_h]
+            dist[a:b] = to_module(d[rows, best], np)
     return canonical(q), dist
 
 
@@ -240,16 +306,20 @@ def match_distributed(comm, images: np.ndarray, slicer, grid: np.ndarray, batch:
     mine = [(a + o, apply_transform(sl, transform)) for o, sl in slicer.iter_batches(grid[a:b], batch)]
     if timings is not None:
         timings["slicing"] = timings.get("slicing", 0.0) + time.perf_counter() - t
-    block = np.ascontiguousarray(apply_transform(images, transform))
-    state = MatchState.empty(block.shape[0])
+    xp = get_array_module(images)
+    block = xp.ascontiguousarray(apply_transform(images, transform))
+    state = MatchState.empty(block.shape[0], xp)
     right, left = (rank + 1) % size, (rank - 1) % size
     for step in range(size):
-        sq = np.einsum("np,np->n", block, block, dtype=np.float64)
+        sq = np.einsum("np,np->n", block, block, dtype=np.float64) if xp is np else None
         for offset, sl in mine:
             update_matches(state, block, sq, sl, offset, scale_per_image, image_batch)
         if step < size - 1:
-            block, state = comm.sendrecv((block, state), dest=right, source=left)
+            # device arrays travel through host memory (pickled sendrecv)
+            block, state = comm.sendrecv((to_module(block, np), state.to(np)), dest=right,
+                                         source=left)
+            block, state = to_module(block, xp), state.to(xp)
     # After size - 1 shifts this rank holds the block of rank + 1: send each state home.
     if size > 1:
-        state = comm.sendrecv(state, dest=right, source=left)
+        state = comm.sendrecv(state.to(np), dest=right, source=left).to(xp)
     return state

@@ -26,8 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from spinifel.backend.arrays import to_host, to_module
+from spinifel.backend.select import Backends, release_memory_pool
 from spinifel.config import Config
-from spinifel.errors import ConfigError, DatasetError, SpinifelError
+from spinifel.errors import DatasetError, SpinifelError
 from spinifel.geometry.orientations import grid_spacing, orientation_grid, random_quaternions
 from spinifel.io.dataset import inspect_dataset, read_geometry, read_shard, shard_bounds
 from spinifel.matching import match_distributed, match_orientations, refine_orientations
@@ -91,7 +93,7 @@ def model_scale(model_ac: np.ndarray, data_ac: np.ndarray, fourier_mask: np.ndar
 
 
 def _phase(cfg: Config, ac: np.ndarray, state: RunState | None, generation: int,
-           fourier_mask: np.ndarray | None, stream: int = 0):
+           fourier_mask: np.ndarray | None, stream: int = 0, xp: Any = np):
     """Phase ``ac`` (warm start from ``state``; a random start when it has no density).
 
     ``stream`` separates the random starts of the full map (0), the half maps (1, 2) and
@@ -102,7 +104,8 @@ def _phase(cfg: Config, ac: np.ndarray, state: RunState | None, generation: int,
     a = cfg.algorithm
     seed = [cfg.runtime.seed, generation, 17] + ([stream] if stream else [])
     rng = np.random.default_rng(seed)
-    return phase(ac, n_loops=a.n_phase_loops, n_er=a.n_er, n_hio=a.n_hio, beta=a.hio_beta,
+    # phasing runs on the array module xp: on the GPU path, on the device
+    return phase(to_module(ac, xp), n_loops=a.n_phase_loops, n_er=a.n_er, n_hio=a.n_hio, beta=a.hio_beta,
                  sw_sigma=a.shrinkwrap_sigma, sw_threshold=a.shrinkwrap_threshold,
                  n_final_er=a.n_final_er, rng=rng,
                  rho0=None if state is None else state.density,
@@ -156,7 +159,8 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
         raise SpinifelError("config key 'data.path': no dataset given (set it in the config or "
                             "with --set data.path=FILE)")
 
-    _select_backends(cfg)
+    be = _select_backends(cfg, ctx)
+    xp = be.xp
     t_io = time.perf_counter()
     info = collective(comm, inspect_dataset, path, cfg.data.format)
     n_images = info.n_images if cfg.data.n_images == 0 else min(cfg.data.n_images, info.n_images)
@@ -169,7 +173,8 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
     mem_est = _memory_estimate(cfg, stop - start, int(geom.mask.sum()))
     if dry_run:
         plan = {"ranks": size, "n_images": n_images, "images_per_rank": _all(comm, stop - start),
-                "pixels": int(geom.mask.sum()), "memory_per_rank_bytes": mem_est}
+                "pixels": int(geom.mask.sum()), "memory_per_rank_bytes": mem_est,
+                "array_backend": be.array, "nufft_backend": be.nufft}
         return plan
     out_dir = on_root(comm, output.prepare_output_dir, cfg.output.dir, overwrite=overwrite,
                       resume=resume)
@@ -188,6 +193,9 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
     good = geom.mask
     positions = np.ascontiguousarray(geom.positions[:, good])
     images = np.ascontiguousarray(shard.images[:, good], dtype=real)
+    # GPU path: images and pixel positions go to the device once; batch sizes fit its memory
+    images, d_positions = to_module(images, xp), to_module(positions, xp)
+    orientation_batch, image_batch = _batches(cfg, be, int(good.sum()))
     extent = geom.reciprocal_extent
     M = a.M
     voxel_m = 1.0 / (2.0 * extent)
@@ -258,16 +266,18 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
         if g > 0 and not a.use_true_orientations:
             t = time.perf_counter()
             sel = s_norm <= matching_resolution(g, a) * s_norm.max()
-            m_images = images if sel.all() else np.ascontiguousarray(images[:, sel])
-            slicer = Slicer(state.phased_ac, positions[:, sel], extent, a.nufft_eps_slicing, real,
+            d_sel = to_module(sel, xp)
+            m_images = images if sel.all() else xp.ascontiguousarray(images[:, d_sel])
+            slicer = Slicer(state.phased_ac, d_positions[:, d_sel], extent, a.nufft_eps_slicing, real,
                             threads)
             if a.matching_mode == "distributed":
-                match = match_distributed(comm, m_images, slicer, grid, a.orientation_batch,
-                                          a.scale_per_image, a.image_batch, a.match_transform,
+                match = match_distributed(comm, m_images, slicer, grid, orientation_batch,
+                                          a.scale_per_image, image_batch, a.match_transform,
                                           timings)
             else:
-                match = match_orientations(m_images, _timed_batches(slicer, grid, a.orientation_batch, timings),
-                                           a.scale_per_image, a.image_batch, a.match_transform)
+                match = match_orientations(m_images, _timed_batches(slicer, grid, orientation_batch, timings),
+                                           a.scale_per_image, image_batch, a.match_transform)
+            match = match.to(np)  # orientations are bookkept on the host
             timings["matching"] = time.perf_counter() - t - timings.get("slicing", 0.0)
             quats = grid[match.best_index]
             if a.refine_rounds > 0 and g >= a.generations - a.refine_generations:
@@ -280,19 +290,26 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
                 n_changed = np.array([float(np.count_nonzero(match.best_index != prev_index))])
                 changed = float(allreduce_sum(comm, n_changed)[0]) / n_images
             prev_index = match.best_index
+            slicer = m_images = None  # the slices' memory, before the merge's buffers
+            release_memory_pool(xp)
         if halves is None:
-            eq = accumulate_normal_equations(comm, images, quats, positions, extent, M, None,
-                                             a.nufft_eps_merge, threads, a.image_batch, timings)
+            eq = accumulate_normal_equations(comm, images, quats, d_positions, extent, M, None,
+                                             a.nufft_eps_merge, threads, image_batch, timings,
+                                             cfg.runtime.cuda_aware_mpi)
         else:
             # The full set's equations are the sum of the halves' (same NUFFT work).
             half_eqs = [accumulate_normal_equations(
-                comm, images[halves == h], quats[halves == h], positions, extent, M, None,
-                a.nufft_eps_merge, threads, a.image_batch, timings) for h in (0, 1)]
+                comm, images[to_module(halves == h, xp)], quats[halves == h], d_positions,
+                extent, M, None, a.nufft_eps_merge, threads, image_batch, timings,
+                cfg.runtime.cuda_aware_mpi) for h in (0, 1)]
             eq = add_normal_equations(*half_eqs)
         x0 = zeros if state.phased_ac is None else state.phased_ac
         x_init = x0 if state.merged_ac is None else state.merged_ac
         res = merge(comm, eq, lambdas_rel=a.lambdas, x0=x0, x_init=x_init, support=support,
-                    max_iter=a.cg_max_iter, tol=a.cg_tol, nthreads=threads, timings=timings)
+                    max_iter=a.cg_max_iter, tol=a.cg_tol, nthreads=threads, timings=timings,
+                    cuda_aware_mpi=cfg.runtime.cuda_aware_mpi)
+        res.autocorrelation = to_host(res.autocorrelation)  # stage boundary: state on the host
+        eq = None
         half_merged = None
         if halves is not None:
             t = time.perf_counter()
@@ -302,7 +319,9 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
                 x_inits=[x if hs.merged_ac is None else hs.merged_ac
                          for x, hs in zip(hx0, half_states)],
                 support=support, max_iter=a.cg_max_iter, tol=a.cg_tol, nthreads=threads)
+            half_eqs = None
             timings["half_sets"] = time.perf_counter() - t
+        release_memory_pool(xp)
         t = time.perf_counter()
         # Phasing jobs: the full map on rank 0, the half maps (if any) on ranks 1 and 2
         # (modulo the rank count), run concurrently and broadcast from their owners.
@@ -312,14 +331,14 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
         phased_jobs = []
         for ac_j, st_j, stream in jobs:
             owner = stream % size
-            ph = _phase(cfg, ac_j, st_j, g, fmask, stream) if rank == owner else None
+            ph = _phase(cfg, ac_j, st_j, g, fmask, stream, xp) if rank == owner else None
             phased_jobs.append(ph)
         outs = []
         for (ac_j, _, stream), ph in zip(jobs, phased_jobs):
             owner = stream % size
-            d = bcast_array(comm, None if ph is None else np.asarray(ph.density, dtype=np.float64), owner)
-            sp = bcast_array(comm, None if ph is None else np.asarray(ph.support, dtype=bool), owner)
-            pa = bcast_array(comm, None if ph is None else np.asarray(ph.autocorrelation, dtype=np.float64), owner)
+            d = bcast_array(comm, None if ph is None else to_module(ph.density, np, np.float64), owner)
+            sp = bcast_array(comm, None if ph is None else to_module(ph.support, np, bool), owner)
+            pa = bcast_array(comm, None if ph is None else to_module(ph.autocorrelation, np, np.float64), owner)
             # Positivity and the support remove some power: put the phased model back on
             # the data's scale (least squares over the measured shell) so that matching
             # compares like with like; a model that is globally too bright or too dim
@@ -418,7 +437,7 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
                      changed, density_change)
             break
     if cfg.validation.prtf_runs > 0 and state.merged_ac is not None:
-        prtf = _prtf(cfg, comm, state.merged_ac, fmask, voxel_A, state.generation)
+        prtf = _prtf(cfg, comm, state.merged_ac, fmask, voxel_A, state.generation, xp)
         if rank == 0:
             doc["prtf"] = prtf["summary"]
             if cfg.validation.prtf_average:
@@ -477,7 +496,7 @@ PRTF_STREAM = 0x5052
 
 
 def _prtf(cfg: Config, comm: Any, merged_ac: np.ndarray, fmask: np.ndarray, voxel_A: float,
-          generation: int) -> dict:
+          generation: int, xp: Any = np) -> dict:
     """Phase ``merged_ac`` ``prtf_runs`` times from random starts, spread over the ranks.
 
     Run ``j`` runs on rank ``j % size`` with a seed from ``(runtime.seed, j)`` only, so the
@@ -490,8 +509,8 @@ def _prtf(cfg: Config, comm: Any, merged_ac: np.ndarray, fmask: np.ndarray, voxe
     t = time.perf_counter()
     mine = {}
     for j in round_robin(k, size, rank):
-        ph = _phase(cfg, merged_ac, None, PRTF_STREAM, fmask, stream=j + 1)
-        mine[j] = np.asarray(ph.density, dtype=np.float64)
+        ph = _phase(cfg, merged_ac, None, PRTF_STREAM, fmask, stream=j + 1, xp=xp)
+        mine[j] = to_module(ph.density, np, np.float64)
     parts = comm.gather(mine, root=0) if size > 1 else [mine]
     if rank != 0:
         return {}
@@ -506,23 +525,39 @@ def _prtf(cfg: Config, comm: Any, merged_ac: np.ndarray, fmask: np.ndarray, voxe
     return {"summary": summary, "average": average}
 
 
-def _select_backends(cfg: Config) -> str:
-    """Log the array and NUFFT backends of this run; refuse what this version cannot do.
+def _select_backends(cfg: Config, ctx: ParallelContext) -> Backends:
+    """Choose and log the array and NUFFT backends; on a GPU, bind this rank to its device.
 
-    This version has the CPU path only: ``runtime.backend = "cupy"`` is an error rather than
-    a silent fall-back, and ``"auto"`` means numpy (logged with the reason).
+    ``runtime.backend = "cupy"`` without a usable GPU is a ConfigError (never a silent
+    fall-back); ``"auto"`` takes the GPU when CuPy sees one and cufinufft imports. All
+    ranks decide together: if any rank cannot use the GPU under ``auto``, all use numpy.
     """
-    from spinifel.backend.nufft import available_backends
+    from spinifel.backend.select import bind_device, select_backends
 
-    if cfg.runtime.backend == "cupy":
-        raise ConfigError("config key 'runtime.backend': 'cupy' is not available in this version "
-                          "(CPU path only); use 'auto' or 'numpy'")
-    nufft, skipped = available_backends(cfg.runtime.nufft_backends, want_gpu=False)
-    log.info("array backend numpy (%s); NUFFT backend %s%s",
-             "runtime.backend = auto: the GPU path is not in this version"
-             if cfg.runtime.backend == "auto" else "runtime.backend = numpy", nufft,
-             "".join(f"; skipped {k}: {v}" for k, v in skipped.items()))
-    return nufft
+    be = collective(ctx.comm, select_backends, cfg.runtime.backend, cfg.runtime.nufft_backends)
+    if ctx.size > 1 and not all(ctx.comm.allgather(be.gpu)):
+        be = select_backends("numpy", cfg.runtime.nufft_backends)
+        be = Backends(be.array, be.xp, be.nufft, "runtime.backend = auto: not every rank sees a "
+                      "GPU", be.skipped)
+    be = bind_device(be, ctx.node_rank, ctx.node_size)
+    log.info("array backend %s (%s); NUFFT backend %s%s", be.array, be.reason, be.nufft,
+             "".join(f"; skipped {k}: {v}" for k, v in be.skipped.items()))
+    return be
+
+
+def _batches(cfg: Config, be: Backends, n_pixels: int) -> tuple[int, int]:
+    """``algorithm.orientation_batch`` / ``image_batch``, capped by free device memory on a GPU."""
+    from spinifel.backend.select import batch_caps, free_device_bytes
+
+    a = cfg.algorithm
+    free = free_device_bytes(be.xp)
+    if free is None:
+        return a.orientation_batch, a.image_batch
+    cap_o, cap_i = batch_caps(free, n_pixels, cfg.runtime.precision)
+    ob, ib = min(a.orientation_batch, cap_o), min(a.image_batch, cap_i)
+    log.info("device memory free %.1f GiB: orientation_batch %d, image_batch %d", free / 2**30,
+             ob, ib)
+    return ob, ib
 
 
 def _peak_rss_mib() -> float:

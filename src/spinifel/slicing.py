@@ -11,6 +11,7 @@ from typing import Iterator
 
 import numpy as np
 
+from spinifel.backend.arrays import get_array_module, to_module
 from spinifel.backend.nufft import Type2
 from spinifel.geometry.orientations import quaternion_to_matrix
 
@@ -23,31 +24,33 @@ def rotated_points(quaternions: np.ndarray, positions: np.ndarray, reciprocal_ex
     ----------
     quaternions : ndarray, shape (B, 4)
         Orientations ``[w, x, y, z]``.
-    positions : ndarray, shape (3, P)
-        Reciprocal pixel positions, inverse metres.
+    positions : array, shape (3, P)
+        Reciprocal pixel positions, inverse metres (numpy or cupy: the result follows).
     reciprocal_extent : float
         Largest ``|s|`` of the detector, inverse metres; maps to ``pi``.
 
     Returns
     -------
-    ndarray, shape (3, B * P)
+    array, shape (3, B * P)
         ``pi * R(q_b) @ s_p / reciprocal_extent``, orientation-major (all pixels of
-        orientation 0 first), in ``dtype``.
+        orientation 0 first), in ``dtype``, on the array module of ``positions``.
     """
-    rot = quaternion_to_matrix(np.asarray(quaternions).reshape(-1, 4))  # (B, 3, 3)
+    xp = get_array_module(positions)
+    # the B rotation matrices are small: built on the host, copied once per batch
+    rot = quaternion_to_matrix(np.asarray(to_module(quaternions, np)).reshape(-1, 4))  # (B, 3, 3)
     dtype = np.dtype(dtype)
-    scaled = ((np.pi / reciprocal_extent) * np.asarray(positions, dtype=np.float64)).astype(dtype)
-    rot = rot.astype(dtype)
-    pts = np.empty((3, rot.shape[0], scaled.shape[1]), dtype=dtype)
+    scaled = ((np.pi / reciprocal_extent) * xp.asarray(positions, dtype=np.float64)).astype(dtype)
+    rot = to_module(rot.astype(dtype), xp)
+    pts = xp.empty((3, rot.shape[0], scaled.shape[1]), dtype=dtype)
     # Written straight into contiguous rows (finufft wants x, y and z as separate contiguous
     # arrays: no transposed copy). Elementwise products rather than a GEMM: every value is
     # then the same whatever batch it is computed in, so slices do not depend on batching
     # (replicated and ring-distributed matching stay identical).
-    tmp = np.empty(pts.shape[1:], dtype=dtype)
+    tmp = xp.empty(pts.shape[1:], dtype=dtype)
     for i in range(3):
-        np.multiply(rot[:, i, 0, None], scaled[0], out=pts[i])
+        xp.multiply(rot[:, i, 0, None], scaled[0], out=pts[i])
         for j in (1, 2):
-            np.multiply(rot[:, i, j, None], scaled[j], out=tmp)
+            xp.multiply(rot[:, i, j, None], scaled[j], out=tmp)
             pts[i] += tmp
     # |R s| = |s| <= extent, so points are within [-pi, pi] up to round-off, which finufft
     # accepts (its domain is [-3 pi, 3 pi]).
@@ -61,10 +64,11 @@ class Slicer:
 
     Parameters
     ----------
-    autocorrelation : ndarray, shape (M, M, M), real
-    positions : ndarray, shape (3, P)
+    autocorrelation : array, shape (M, M, M), real
+    positions : array, shape (3, P)
         Reciprocal positions of the pixels to model (usually only the good pixels),
-        inverse metres.
+        inverse metres. If either this or ``autocorrelation`` is a cupy array, the slices
+        are computed on the GPU (cufinufft) and returned as cupy arrays.
     reciprocal_extent : float
         Inverse metres.
     eps : float
@@ -77,26 +81,29 @@ class Slicer:
 
     def __init__(self, autocorrelation: np.ndarray, positions: np.ndarray, reciprocal_extent: float,
                  eps: float = 1e-4, dtype=np.float32, nthreads: int = 1):
-        ac = np.asarray(autocorrelation)
+        xp = get_array_module(autocorrelation, positions)
+        self.xp = xp
+        ac = to_module(autocorrelation, xp)
         if ac.ndim != 3 or len(set(ac.shape)) != 1 or ac.shape[0] % 2 == 0:
             raise ValueError(f"autocorrelation must be (M, M, M) with M odd, got {ac.shape}")
         self.dtype = np.dtype(dtype)
-        self.positions = np.asarray(positions, dtype=np.float64)
+        self.positions = to_module(positions, xp, dtype=np.float64)
         self.reciprocal_extent = float(reciprocal_extent)
-        self._plan = Type2(ac.shape, eps, self.dtype, nthreads)
-        self._modes = np.ascontiguousarray(ac, dtype=self._plan.complex_dtype)
+        self._plan = Type2(ac.shape, eps, self.dtype, nthreads, xp=xp)
+        self._modes = xp.ascontiguousarray(ac, dtype=self._plan.complex_dtype)
         self.n_pixels = self.positions.shape[1]
 
-    def slices(self, quaternions: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """Model images for ``quaternions`` (B, 4): ndarray ``(B, P)`` of the slicer's dtype."""
-        q = np.asarray(quaternions).reshape(-1, 4)
+    def slices(self, quaternions: np.ndarray, out=None):
+        """Model images for ``quaternions`` (B, 4): array ``(B, P)`` of the slicer's dtype
+        and array module."""
+        q = np.asarray(to_module(quaternions, np)).reshape(-1, 4)
         self._plan.setpts(rotated_points(q, self.positions, self.reciprocal_extent, self.dtype))
         vals = self._plan.execute(self._modes)
         res = vals.real.reshape(q.shape[0], self.n_pixels)
         if out is not None:
             out[...] = res
             return out
-        return np.ascontiguousarray(res)
+        return self.xp.ascontiguousarray(res)
 
     def iter_batches(self, quaternions: np.ndarray, batch: int) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(start, slices)`` for consecutive batches of at most ``batch`` orientations."""

@@ -81,6 +81,23 @@ def asarray_like(x: Any, like: Any, dtype: Any = None) -> Any:
     return xp.asarray(x, dtype=dtype)
 
 
+def to_module(x: Any, xp: Any, dtype: Any = None) -> Any:
+    """``x`` as an array of module ``xp`` (numpy: host copy if needed; cupy: device copy).
+
+    Parameters
+    ----------
+    x : array-like
+        numpy or cupy array, list or scalar.
+    xp : module
+        ``numpy`` or ``cupy``.
+    dtype : dtype, optional
+        Result dtype (default: that of ``x``).
+    """
+    if xp is np:
+        return np.asarray(to_host(x), dtype=dtype)
+    return xp.asarray(x, dtype=dtype)
+
+
 def fft_module(xp: Any) -> Any:
     """FFT namespace for ``xp``: ``scipy.fft`` for numpy (it keeps float32 in single
     precision and is 2-3x faster than ``numpy.fft`` there), ``cupy.fft`` for cupy."""

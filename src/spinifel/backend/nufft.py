@@ -7,6 +7,9 @@ mode ``l - (M-1)/2``. Points are in radians, ``[-pi, pi]``.
 * :class:`Type2` evaluates ``f(x_p) = sum_k c_k exp(+i k.x_p)`` (slicing);
 * :class:`Type1` computes ``c_k = sum_p v_p exp(-i k.x_p)`` (the adjoint; merging).
 
+Plans run on the array module given at creation (``xp``): finufft for numpy, cufinufft
+for cupy (device arrays in and out, no host copies).
+
 Plans are created once and reused: ``setpts`` for a new set of points (one batch of
 orientations, or the local images of a generation), ``execute`` as often as needed.
 """
@@ -17,6 +20,8 @@ import logging
 from typing import Sequence
 
 import numpy as np
+
+from spinifel.backend.arrays import to_module
 
 log = logging.getLogger("spinifel")
 
@@ -61,12 +66,18 @@ def available_backends(order: Sequence[str], want_gpu: bool) -> tuple[str, dict[
 
 
 class _Plan:
-    """Common part of the type-1/type-2 plans (finufft on the host)."""
+    """Common part of the type-1/type-2 plans: finufft on the host, cufinufft on a GPU.
+
+    The library follows ``xp``: numpy plans take and return numpy arrays (finufft), cupy
+    plans take and return cupy arrays on the current device (cufinufft). Assumed API
+    (finufft and cufinufft >= 2.2): ``Plan(nufft_type, n_modes, n_trans=, eps=, isign=,
+    dtype="complex64"|"complex128", **opts)``, ``plan.setpts(x, y, z)``,
+    ``plan.execute(data, out=None)``; ``n_modes`` in array-shape order and ``x`` the
+    coordinate along the first array axis in both, so host and device plans agree.
+    """
 
     def __init__(self, nufft_type: int, n_modes: tuple[int, int, int], eps: float,
-                 dtype: np.dtype | type, nthreads: int = 1, n_trans: int = 1):
-        import finufft
-
+                 dtype: np.dtype | type, nthreads: int = 1, n_trans: int = 1, xp=np):
         self.real_dtype = np.dtype(dtype)
         if self.real_dtype not in _COMPLEX:
             raise TypeError(f"NUFFT dtype must be float32 or float64, got {self.real_dtype}")
@@ -76,50 +87,73 @@ class _Plan:
             eps = max(eps, 2e-6)
         self.n_modes = tuple(int(n) for n in n_modes)
         self.n_trans = n_trans
+        self.xp = xp
         isign = 1 if nufft_type == 2 else -1
-        self._plan = finufft.Plan(nufft_type, self.n_modes, n_trans=n_trans, eps=eps, isign=isign,
-                                  dtype=self.complex_dtype.name, nthreads=nthreads, modeord=0)
+        if xp is np:
+            import finufft
+
+            self._plan = finufft.Plan(nufft_type, self.n_modes, n_trans=n_trans, eps=eps,
+                                      isign=isign, dtype=self.complex_dtype.name,
+                                      nthreads=nthreads, modeord=0)
+        else:
+            import cufinufft
+
+            # cufinufft runs on opts.gpu_device_id (default 0), not on CuPy's current
+            # device: pass the device this rank was bound to.
+            self._plan = cufinufft.Plan(nufft_type, self.n_modes, n_trans=n_trans, eps=eps,
+                                        isign=isign, dtype=self.complex_dtype.name, modeord=0,
+                                        gpu_device_id=int(xp.cuda.Device().id))
         self._pts: tuple | None = None
         self.n_points = 0
 
-    def setpts(self, points: np.ndarray) -> None:
+    def setpts(self, points) -> None:
         """Set the non-uniform points.
 
         Parameters
         ----------
-        points : ndarray, shape (3, n_points)
-            Coordinates in radians, in ``[-pi, pi]``; converted to the plan's real dtype.
+        points : array, shape (3, n_points)
+            Coordinates in radians, in ``[-pi, pi]``; converted to the plan's real dtype
+            and array module.
         """
-        pts = np.asarray(points)
+        xp = self.xp
+        pts = to_module(points, xp)
         if pts.ndim != 2 or pts.shape[0] != 3:
             raise ValueError(f"points must have shape (3, n), got {pts.shape}")
-        # finufft keeps pointers to the coordinate arrays: hold contiguous copies alive.
-        self._pts = tuple(np.ascontiguousarray(pts[i], dtype=self.real_dtype) for i in range(3))
+        # Both libraries keep pointers to the coordinate arrays: hold contiguous copies alive.
+        self._pts = tuple(xp.ascontiguousarray(pts[i], dtype=self.real_dtype) for i in range(3))
         self._plan.setpts(*self._pts)
         self.n_points = pts.shape[1]
+
+    def _execute(self, data, out):
+        c = self.xp.ascontiguousarray(to_module(data, self.xp), dtype=self.complex_dtype)
+        return self._plan.execute(c, out=out)
 
 
 class Type2(_Plan):
     """Uniform modes -> non-uniform points (``isign=+1``)."""
 
     def __init__(self, n_modes: tuple[int, int, int], eps: float, dtype=np.float32,
-                 nthreads: int = 1, n_trans: int = 1):
-        super().__init__(2, n_modes, eps, dtype, nthreads, n_trans)
+                 nthreads: int = 1, n_trans: int = 1, xp=np):
+        super().__init__(2, n_modes, eps, dtype, nthreads, n_trans, xp)
 
-    def execute(self, modes: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """Evaluate at the current points; ``modes`` shape ``n_modes`` (or ``(n_trans,) + n_modes``)."""
-        c = np.ascontiguousarray(modes, dtype=self.complex_dtype)
-        return self._plan.execute(c, out=out)
+    def execute(self, modes, out=None):
+        """Evaluate at the current points; ``modes`` shape ``n_modes`` (or ``(n_trans,) + n_modes``).
+
+        Returns an array of the plan's module, ``(n_points,)`` or ``(n_trans, n_points)``.
+        """
+        return self._execute(modes, out)
 
 
 class Type1(_Plan):
     """Non-uniform points -> uniform modes (``isign=-1``), the adjoint of :class:`Type2`."""
 
     def __init__(self, n_modes: tuple[int, int, int], eps: float, dtype=np.float64,
-                 nthreads: int = 1, n_trans: int = 1):
-        super().__init__(1, n_modes, eps, dtype, nthreads, n_trans)
+                 nthreads: int = 1, n_trans: int = 1, xp=np):
+        super().__init__(1, n_modes, eps, dtype, nthreads, n_trans, xp)
 
-    def execute(self, values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """Sum ``values`` (``(n_points,)`` or ``(n_trans, n_points)``) onto the modes."""
-        c = np.ascontiguousarray(values, dtype=self.complex_dtype)
-        return self._plan.execute(c, out=out)
+    def execute(self, values, out=None):
+        """Sum ``values`` (``(n_points,)`` or ``(n_trans, n_points)``) onto the modes.
+
+        Returns an array of the plan's module, ``n_modes`` or ``(n_trans,) + n_modes``.
+        """
+        return self._execute(values, out)

@@ -2,7 +2,9 @@
 
 Used by the merge: the operator is the Toeplitz normal operator plus the Tikhonov term,
 applied to real ``M^3`` arrays (the callback restricts to the support). Everything stays on
-the array module of ``b`` (numpy or cupy); only the scalar norms cross to the host.
+the array module of ``b`` (numpy or cupy). Host synchronisation: one per iteration, a
+two-element copy of ``(p.Ap, r.r)`` for the breakdown and convergence tests (the step
+sizes themselves are computed on the device), plus two before the loop.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from spinifel.backend.arrays import get_array_module
+from spinifel.backend.arrays import get_array_module, to_host
 
 
 @dataclass
@@ -37,10 +39,11 @@ class CGResult:
     converged: bool = False
 
 
-def _real_vdot(a: Any, b: Any) -> float:
-    """Real inner product over all elements (``Re sum conj(a) * b``) as a Python float."""
+def _real_vdot(a: Any, b: Any) -> Any:
+    """Real inner product over all elements (``Re sum conj(a) * b``), a 0-d array of the
+    inputs' module (no host synchronisation)."""
     xp = get_array_module(a, b)
-    return float(xp.real(xp.vdot(a, b)))
+    return xp.real(xp.vdot(a, b))
 
 
 def conjugate_gradient(
@@ -69,7 +72,8 @@ def conjugate_gradient(
     tol : float
         Relative tolerance, >= 0: stop when ``||r|| <= tol * ||b||``.
     dot : callable, optional
-        Inner product ``dot(u, v) -> float``. Default: ``Re(vdot(u, v))`` over all elements.
+        Inner product ``dot(u, v)`` returning a float or a 0-d array of ``b``'s module.
+        Default: ``Re(vdot(u, v))`` over all elements, kept on the device.
 
     Returns
     -------
@@ -96,17 +100,17 @@ def conjugate_gradient(
             raise ValueError(f"x0 must have the shape of b {b.shape}, got {x0.shape}")
         x = x0.copy()
 
-    b_norm = math.sqrt(max(dot(b, b), 0.0))
+    b_norm = math.sqrt(max(float(dot(b, b)), 0.0))
     if b_norm == 0.0:
         # A x = 0 with A SPD has the unique solution 0.
-        if dot(x, x) != 0.0:
+        if float(dot(x, x)) != 0.0:
             x = xp.zeros_like(b)
         return CGResult(x=x, n_iter=0, residual_norms=[0.0], converged=True)
     threshold = tol * b_norm
 
     r = b - apply_a(x) if x0 is not None else b.copy()
-    rr = dot(r, r)
-    norms = [math.sqrt(max(rr, 0.0))]
+    rr = xp.asarray(dot(r, r), dtype=xp.float64)
+    norms = [math.sqrt(max(float(rr), 0.0))]
     if norms[0] <= threshold:
         return CGResult(x=x, n_iter=0, residual_norms=norms, converged=True)
 
@@ -115,15 +119,20 @@ def conjugate_gradient(
     converged = False
     while n_iter < max_iter:
         ap = apply_a(p)
-        pap = dot(p, ap)
-        if not pap > 0.0:  # also catches NaN
-            break
-        alpha = rr / pap
+        pap = xp.asarray(dot(p, ap), dtype=xp.float64)
+        # Step size on the device; a non-positive (or NaN) p.Ap gives a zero step, so x and
+        # r are unchanged when the host check below stops the loop.
+        ok = pap > 0
+        alpha = xp.where(ok, rr / xp.where(ok, pap, 1.0), 0.0)
         x += alpha * p
         r -= alpha * ap
-        rr_new = dot(r, r)
+        rr_new = xp.asarray(dot(r, r), dtype=xp.float64)
+        # The one synchronisation of the iteration: breakdown and convergence tests.
+        pap_h, rr_h = (float(v) for v in to_host(xp.stack([pap, rr_new])))
+        if not pap_h > 0.0:  # also catches NaN
+            break
         n_iter += 1
-        norms.append(math.sqrt(max(rr_new, 0.0)))
+        norms.append(math.sqrt(max(rr_h, 0.0)))
         if norms[-1] <= threshold:
             converged = True
             break

@@ -1,42 +1,98 @@
-"""The few collectives the pipeline needs, on numpy buffers (works with SerialComm too)."""
+"""The few collectives the pipeline needs (works with SerialComm too).
+
+Buffers may be numpy or cupy arrays. Device buffers are staged through host memory by
+default (any MPI works); with ``cuda_aware=True`` they are handed to MPI directly, which
+needs an MPI library built with CUDA support (mpi4py passes ``__cuda_array_interface__``
+buffers through; the current stream is synchronised first so the data is complete).
+"""
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import numpy as np
 
+from spinifel.backend.arrays import _is_cupy_array, get_array_module, to_host, to_module
 from spinifel.parallel.context import SerialComm, in_place
 
 
-def allreduce_sum(comm: Any, array: np.ndarray) -> np.ndarray:
-    """Sum a contiguous numpy array over all ranks, in place; returns it."""
+def _sync(array: Any) -> None:
+    """Wait for the kernels writing a device buffer before MPI reads it."""
+    if _is_cupy_array(array):
+        get_array_module(array).cuda.get_current_stream().synchronize()
+
+
+def allreduce_sum(comm: Any, array: Any, cuda_aware: bool = False) -> Any:
+    """Sum a contiguous array over all ranks, in place; returns it.
+
+    Parameters
+    ----------
+    comm : communicator
+        Collective over its ranks.
+    array : numpy or cupy array, C-contiguous
+        Summed in place (a device array stays on the device).
+    cuda_aware : bool
+        Device arrays only: pass the device buffer to MPI (True) or copy it to the host,
+        reduce there and copy the sum back (False).
+    """
     if not array.flags.c_contiguous:
         raise ValueError("allreduce_sum needs a C-contiguous array")
-    if isinstance(comm, SerialComm) or comm.Get_size() == 1:
+    if comm.Get_size() == 1:
         return array
-    from mpi4py import MPI
+    op = None
+    if not isinstance(comm, SerialComm):
+        from mpi4py import MPI
 
-    comm.Allreduce(in_place(comm), array, op=MPI.SUM)
+        op = MPI.SUM
+    if _is_cupy_array(array) and not cuda_aware:
+        host = np.ascontiguousarray(to_host(array))
+        comm.Allreduce(in_place(comm), host, op=op)
+        array[...] = to_module(host, get_array_module(array))
+        return array
+    _sync(array)
+    comm.Allreduce(in_place(comm), array, op=op)
     return array
 
 
-def bcast_array(comm: Any, array: np.ndarray | None, root: int = 0) -> np.ndarray:
-    """Broadcast an array from ``root`` (shape and dtype travel too); returns the array."""
-    if isinstance(comm, SerialComm) or comm.Get_size() == 1:
-        return array
-    meta = comm.bcast(None if array is None else (array.shape, array.dtype.str), root=root)
+def bcast_array(comm: Any, array: Any, root: int = 0, cuda_aware: bool = False,
+                xp: Any = None) -> Any:
+    """Broadcast an array from ``root`` (shape and dtype travel too); returns the array.
+
+    Parameters
+    ----------
+    array : numpy or cupy array on ``root``; ignored elsewhere.
+    cuda_aware : bool
+        Device arrays only: broadcast the device buffer itself rather than a host copy.
+    xp : module, optional
+        Array module of the result on every rank; default: that of ``array`` on ``root``
+        (sent with the shape and dtype).
+    """
+    if comm.Get_size() == 1:
+        return array if xp is None or array is None else to_module(array, xp)
+    on_device = _is_cupy_array(array)
+    meta = comm.bcast(None if array is None else (array.shape, array.dtype.str, on_device),
+                      root=root)
+    shape, dtype, dev = meta
+    if xp is None:
+        xp = get_array_module(array) if comm.Get_rank() == root else (
+            importlib.import_module("cupy") if dev else np)
+    if cuda_aware and xp is not np:
+        buf = xp.ascontiguousarray(array) if comm.Get_rank() == root else xp.empty(shape, dtype)
+        _sync(buf)
+        comm.Bcast(buf, root=root)
+        return buf
     if comm.Get_rank() != root:
-        array = np.empty(meta[0], dtype=np.dtype(meta[1]))
+        host = np.empty(shape, dtype=np.dtype(dtype))
     else:
-        array = np.ascontiguousarray(array)
-    comm.Bcast(array, root=root)
-    return array
+        host = np.ascontiguousarray(to_host(array))
+    comm.Bcast(host, root=root)
+    return to_module(host, xp)
 
 
-def allgather_array(comm: Any, array: np.ndarray) -> np.ndarray:
-    """Concatenate each rank's array along axis 0, in rank order, on every rank."""
-    if isinstance(comm, SerialComm) or comm.Get_size() == 1:
-        return np.asarray(array)
-    parts = comm.allgather(np.ascontiguousarray(array))
+def allgather_array(comm: Any, array: Any) -> np.ndarray:
+    """Concatenate each rank's array along axis 0, in rank order, on every rank (host)."""
+    if comm.Get_size() == 1:
+        return np.asarray(to_host(array))
+    parts = comm.allgather(np.ascontiguousarray(to_host(array)))
     return np.concatenate(parts, axis=0)
