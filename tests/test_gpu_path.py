@@ -517,8 +517,10 @@ def test_phasing_transfers_do_not_grow_with_iterations(monkeypatch, rng):
     assert counts[0] == counts[1] <= 6, counts
 
 
-@pytest.mark.parametrize("mode, scale", [("replicated", True), ("distributed", False)])
-def test_pipeline_gpu_branches_match_numpy(monkeypatch, tmp_path, mode, scale):
+@pytest.mark.parametrize("mode, scale, validation", [
+    ("replicated", True, {}), ("distributed", False, {}),
+    ("replicated", True, {"half_sets": True, "prtf_runs": 2})])
+def test_pipeline_gpu_branches_match_numpy(monkeypatch, tmp_path, mode, scale, validation):
     """The whole pipeline with runtime.backend = cupy on the stand-in: the GPU branches run
     (cufinufft plans on device arrays, fused-kernel matching, staged collectives, pool
     release) and give the numpy result up to round-off."""
@@ -540,10 +542,13 @@ def test_pipeline_gpu_branches_match_numpy(monkeypatch, tmp_path, mode, scale):
             "algorithm": {"M": 9, "generations": 3, "n_orientations": 60, "n_phase_loops": 1,
                           "n_er": 3, "n_hio": 3, "n_final_er": 3, "lambdas": [0.01, 0.1, 1.0],
                           "cg_max_iter": 10, "refine_generations": 1, "scale_per_image": scale,
-                          "matching_mode": mode}})
+                          "matching_mode": mode}, "validation": validation})
         run_pipeline(cfg, ParallelContext.serial())
         with h5py.File(tmp_path / backend / "result.h5") as f:
             results[backend] = {k: f[k][()] for k in ("autocorrelation", "orientations", "density")}
+        if validation:  # the half maps' merges ran through the device path too
+            with h5py.File(tmp_path / backend / "checkpoint.h5") as f:
+                results[backend]["half_merged_ac"] = f["half_merged_ac"][()]
     assert cp.pool.released >= 2  # after matching and after the merge
     # generations 1 and 2 matched 16 images against 60 orientations with the kernel
     assert fake_cupy.CALLS.count("fused") >= 2
@@ -552,6 +557,9 @@ def test_pipeline_gpu_branches_match_numpy(monkeypatch, tmp_path, mode, scale):
     assert np.allclose(dev["orientations"], ref["orientations"], atol=1e-6)
     assert np.allclose(dev["autocorrelation"], ref["autocorrelation"], rtol=1e-5,
                        atol=1e-5 * np.abs(ref["autocorrelation"]).max())
+    if validation:
+        assert np.allclose(dev["half_merged_ac"], ref["half_merged_ac"], rtol=1e-5,
+                           atol=1e-5 * np.abs(ref["half_merged_ac"]).max())
 
 
 @pytest.mark.mpi(min_size=2)
