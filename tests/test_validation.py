@@ -242,3 +242,17 @@ def test_half_sets_and_prtf_on_one_and_two_ranks(tiny, tmp_path):
     for k in ("merged_ac", "half_merged_ac"):
         a, b = ck[1][k], ck[2][k]
         assert np.abs(a - b).max() <= 1e-8 * np.abs(a).max(), k
+
+
+def test_eta_uses_recent_generations_and_measured_refinement():
+    from spinifel.pipeline import estimate_remaining
+
+    # 3 generations of 10 s, refinement from generation 8 of 10 not measured yet
+    eta, complete = estimate_remaining([(10.0, 0.0)] * 3, 2, 10, 8)
+    assert eta == pytest.approx(70.0) and not complete
+    # the last two generations set the base (the first one was slower)
+    eta, complete = estimate_remaining([(30.0, 0.0), (12.0, 0.0), (8.0, 0.0)], 2, 5, 5)
+    assert eta == pytest.approx(20.0) and complete
+    # refinement measured (50 s of a 60 s generation): base 10 s, + 50 s per refine generation
+    eta, complete = estimate_remaining([(10.0, 0.0), (60.0, 50.0)], 8, 10, 8)
+    assert eta == pytest.approx(10.0 + 50.0) and complete

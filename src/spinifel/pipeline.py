@@ -258,8 +258,9 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
         old = on_root(comm, _read_metrics, out_dir)
         metrics = [m for m in old if m.get("generation", -1) < first]
         log.info("resuming from %s after generation %d", Path(out_dir) / checkpoint.NAME, first - 1)
-    t_run = time.perf_counter()
     final_eval = None
+    durations: list[tuple[float, float]] = []  # (wall seconds, refinement seconds) per generation
+    t_gen = time.perf_counter()
     for g in range(first, a.generations):
         timings: dict[str, float] = {}
         changed = float("nan")
@@ -431,7 +432,12 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
                 match_index=None if all_idx is None else np.concatenate(all_idx),
                 **_half_arrays(half_states if halves is not None else None))
         _maybe_inject_fault(g, rank)
-        _log_generation(g, a.generations, entry, time.perf_counter() - t_run)
+        now = time.perf_counter()
+        durations.append((now - t_gen, timings.get("refinement", 0.0)))
+        t_gen = now
+        refine_start = a.generations - a.refine_generations if a.refine_rounds > 0 else a.generations
+        _log_generation(g, a.generations, entry,
+                        estimate_remaining(durations, g, a.generations, refine_start))
         if converged:
             log.info("converged: %.4f of images changed orientation, density changed %.4f",
                      changed, density_change)
@@ -600,12 +606,31 @@ def _summary(ev: dict) -> dict:
     return {k: ev[k] for k in keep if k in ev}
 
 
-def _log_generation(g: int, n: int, entry: dict, elapsed: float) -> None:
+def estimate_remaining(durations: list[tuple[float, float]], g: int, n: int,
+                       refine_start: int) -> tuple[float, bool]:
+    """Seconds left after generation ``g`` of ``n``, from this run's recent generations.
+
+    ``durations`` holds ``(wall, refinement)`` seconds of the generations run so far. The
+    base cost of a generation is the mean of the last two without refinement; each
+    remaining generation at or after ``refine_start`` adds the last measured refinement
+    time. Returns ``(seconds, complete)``; ``complete`` is False when refinement
+    generations remain but none has been measured yet (the estimate leaves them out).
+    """
+    recent = durations[-2:]
+    base = sum(w - r for w, r in recent) / len(recent)
+    refine = next((r for _, r in reversed(durations) if r > 0), None)
+    left = range(g + 1, n)
+    n_refine = sum(1 for k in left if k >= refine_start)
+    eta = base * len(left) + (refine or 0.0) * n_refine
+    return eta, not (n_refine and refine is None)
+
+
+def _log_generation(g: int, n: int, entry: dict, eta: tuple[float, bool]) -> None:
     t = entry["timings"]
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in t.items() if v)
-    eta = elapsed / (g + 1) * (n - g - 1)
+    eta_s = f"{eta[0]:.0f}s" + ("" if eta[1] else " + refinement")
     msg = (f"generation {g + 1}/{n}: lambda_rel {entry['lambda_rel']:.3g}, CG {entry['cg_iterations']} it, "
-           f"orientation change {entry['orientation_change']:.3f}; {stages}; ETA {eta:.0f}s")
+           f"orientation change {entry['orientation_change']:.3f}; {stages}; ETA {eta_s}")
     hs = entry.get("half_set")
     if hs:
         msg += f"; half-set FSC0.143 {hs['resolution_0p143_angstrom']:.1f} A"
