@@ -116,21 +116,32 @@ def test_one_and_two_ranks_agree(tiny_dataset, tmp_path):
         with h5py.File(out / "result.h5") as f:
             results[n] = {k: f[k][()] for k in ("orientations", "autocorrelation", "density")}
             assert f.attrs["n_ranks"] == int(str(n)[0])
+        with h5py.File(out / "checkpoint.h5") as f:
+            results[n]["match_index"] = f["match_index"][()]
         m = json.loads((out / "metrics.json").read_text())
         results[n]["lambda"] = [g["lambda_rel"] for g in m["generations"]]
     # ring-distributed matching gives exactly the replicated result on the same ranks
-    for k in ("orientations", "autocorrelation", "density"):
+    for k in ("orientations", "autocorrelation", "density", "match_index"):
         assert np.array_equal(results[2][k], results["2d"][k]), k
     a, b = results[1], results[2]
-    same = np.all(np.abs(a["orientations"] - b["orientations"]) < 1e-6, axis=1)
+    from spinifel.geometry.orientations import angle_between
+
+    # the grid match of the last generation (before the off-grid refinement)
+    same = a["match_index"] == b["match_index"]
+    diff_deg = np.degrees(angle_between(a["orientations"], b["orientations"]))
     scale = np.abs(a["autocorrelation"]).max()
-    print("identical orientations:", same.mean(), "lambda", a["lambda"], b["lambda"],
+    print("identical grid matches:", same.mean(), "refined angle differences (deg) median/p90",
+          np.median(diff_deg), np.quantile(diff_deg, 0.9), "lambda", a["lambda"], b["lambda"],
           "ac diff", np.abs(a["autocorrelation"] - b["autocorrelation"]).max() / scale)
     # Each stage is rank-independent to round-off (tests/test_merge.py, test_matching.py);
     # over generations the iterative phasing amplifies round-off a little, so a few
-    # near-tie images may take a neighbouring orientation. Measured: 96% identical after
-    # three generations, autocorrelations within 1%, densities correlated 0.92.
+    # near-tie images may take a neighbouring grid orientation, and the continuous
+    # (parabolic) refinement moves by a fraction of a degree with the model. Measured:
+    # 96% identical grid matches after three generations, refined orientations within
+    # 0.3 deg (median) / 1.5 deg (p90) on this 16x16-pixel case (grid spacing 35 deg),
+    # autocorrelations within 1%, densities correlated 0.92.
     assert a["lambda"] == b["lambda"]
     assert same.mean() >= 0.9
+    assert np.median(diff_deg) < 1.0 and np.quantile(diff_deg, 0.9) < 5.0
     assert np.abs(a["autocorrelation"] - b["autocorrelation"]).max() < 0.03 * scale
     assert np.corrcoef(a["density"].ravel(), b["density"].ravel())[0, 1] > 0.85

@@ -94,6 +94,7 @@ class AlgorithmConfig:
     match_resolution_ramp: int
     refine_rounds: int
     refine_generations: int
+    refine_stencil: str
     use_true_orientations: bool
     nufft_eps_slicing: float
     nufft_eps_merge: float
@@ -132,6 +133,8 @@ class AlgorithmConfig:
                f"must be >= 1, got {self.match_resolution_ramp}")
         _check(0 <= self.refine_rounds <= 8, a + "refine_rounds",
                f"must be in [0, 8], got {self.refine_rounds}")
+        _check(self.refine_stencil in ("axes", "cube"), a + "refine_stencil",
+               f"must be 'axes' or 'cube', got {self.refine_stencil!r}")
         _check(self.refine_generations >= 0, a + "refine_generations",
                f"must be >= 0, got {self.refine_generations}")
         for k in ("nufft_eps_slicing", "nufft_eps_merge"):

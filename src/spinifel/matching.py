@@ -210,16 +210,80 @@ def _local_offsets(step: float) -> np.ndarray:
     return np.concatenate([np.cos(angle / 2)[:, None], np.sin(angle / 2)[:, None] * axis], axis=1)
 
 
+def _axis_offsets(step: float) -> np.ndarray:
+    """7 rotations: identity (index 0), then ``exp(+-step e_x)``, ``+-e_y``, ``+-e_z``."""
+    v = np.zeros((7, 3))
+    for i in range(3):
+        v[1 + 2 * i, i] = -step
+        v[2 + 2 * i, i] = step
+    return _rotvec_to_quaternion(v)
+
+
+def _rotvec_to_quaternion(v: np.ndarray) -> np.ndarray:
+    angle = np.linalg.norm(v, axis=-1)
+    axis = np.divide(v, angle[..., None], out=np.zeros_like(v), where=angle[..., None] > 0)
+    return np.concatenate([np.cos(angle / 2)[..., None], np.sin(angle / 2)[..., None] * axis],
+                          axis=-1)
+
+
+def _parabolic_offsets(d: np.ndarray, step: float) -> np.ndarray:
+    """Per-axis minimum of the parabola through ``d(-step), d(0), d(+step)``.
+
+    ``d`` is ``(n, 7)`` in the order of :func:`_axis_offsets`; returns rotation vectors
+    ``(n, 3)`` within the cube of half-width ``step``. Where an axis is not convex the move
+    goes to the better end point (or stays when both ends are worse or equal).
+    """
+    d0 = d[:, :1]
+    dm, dp = d[:, 1::2], d[:, 2::2]
+    curv = dp + dm - 2 * d0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t = np.where(curv > 0, 0.5 * (dm - dp) / np.where(curv > 0, curv, 1), 0.0)
+    t = np.where(curv > 0, t, np.where(dp < np.minimum(dm, d0), 1.0, np.where(dm < d0, -1.0, 0.0)))
+    return step * np.clip(t, -1.0, 1.0)
+
+
+def _candidate_distances(images, cand, slicer, transform, scale_per_image, n_per_image):
+    """Distances ``(n, k)`` of each image to its own ``k`` candidate orientations."""
+    xp = get_array_module(images)
+    n = images.shape[0]
+    y = apply_transform(slicer.slices(cand), transform).reshape(n, n_per_image, -1)
+    x = images
+    if xp is np:
+        cross = np.einsum("np,nkp->nk", x, y, dtype=np.float64)
+        ysq = np.einsum("nkp,nkp->nk", y, y, dtype=np.float64)
+        xsq = np.einsum("np,np->n", x, x, dtype=np.float64)[:, None]
+    else:  # float64 accumulation on the device too (the candidates are close)
+        x64, y64 = x.astype(xp.float64), y.astype(xp.float64)
+        cross = xp.einsum("np,nkp->nk", x64, y64)
+        ysq = xp.einsum("nkp,nkp->nk", y64, y64)
+        xsq = xp.einsum("np,np->n", x64, x64)[:, None]
+    if scale_per_image:
+        pos = xp.maximum(cross, 0)
+        d = xsq - xp.where(ysq > 0, pos * pos / xp.where(ysq > 0, ysq, 1), 0)
+    else:
+        d = xsq + ysq - 2 * cross
+    # the candidate quaternions live on the host: one small copy per image block
+    return to_module(d, np)
+
+
 def refine_orientations(images: np.ndarray, quaternions: np.ndarray, slicer, step: float,
                         n_rounds: int = 2, scale_per_image: bool = False,
-                        image_batch: int = 256, transform: str = "none") -> tuple[np.ndarray, np.ndarray]:
+                        image_batch: int = 256, transform: str = "none",
+                        stencil: str = "axes") -> tuple[np.ndarray, np.ndarray]:
     """Local search around each image's orientation, off the grid.
 
-    Each round tries the 27 rotations ``q * exp(v)`` with ``v`` on a cube of half-width
-    ``step`` about the current orientation, keeps the nearest model slice (the same
-    distance as :func:`match_orientations`) and halves ``step``. After ``n`` rounds the
-    orientation is resolved to about ``step / 2^n``: finer than any affordable grid at a
-    cost of ``27 n`` slices per image, which grows with the images, not the grid.
+    Each round searches rotations ``q * exp(v)`` about the current orientation with ``v``
+    in a cube of half-width ``step``, keeps the nearest model slice (the same distance as
+    :func:`match_orientations`) and halves ``step``. After ``n`` rounds the orientation is
+    resolved to about ``step / 2^n``: finer than any affordable grid, at a cost that grows
+    with the images, not the grid.
+
+    ``stencil="cube"`` tries the 27 points ``v`` in ``{-step, 0, step}^3``.
+    ``stencil="axes"`` (default) tries the identity and ``+-step`` along each axis (7
+    points), puts a parabola through the three values on each axis, and tries the point at
+    the three parabolas' minima (1 more): 8 slices per image and round instead of 27, and
+    the minimum is located continuously rather than on the 3-point lattice. In both, the
+    result is the best point tried, so the fit never gets worse.
 
     Parameters
     ----------
@@ -231,6 +295,8 @@ def refine_orientations(images: np.ndarray, quaternions: np.ndarray, slicer, ste
         Model of the current autocorrelation at the same pixels.
     step : float
         Initial half-width in radians (half the grid spacing is a good start).
+    stencil : {"axes", "cube"}
+        Search points per round (see above).
 
     Returns
     -------
@@ -238,38 +304,30 @@ def refine_orientations(images: np.ndarray, quaternions: np.ndarray, slicer, ste
     """
     from spinifel.geometry.orientations import canonical, multiply
 
-    xp = get_array_module(images)
+    if stencil not in ("axes", "cube"):
+        raise ValueError(f"stencil must be 'axes' or 'cube', got {stencil!r}")
     images = apply_transform(images, transform)
     q = np.array(to_module(quaternions, np), dtype=np.float64, copy=True)
     dist = np.full(len(q), np.inf)
     for r in range(n_rounds):
-        offsets = _local_offsets(step / 2**r)
+        h = step / 2**r
+        offsets = _local_offsets(h) if stencil == "cube" else _axis_offsets(h)
         k = len(offsets)
         for a in range(0, len(q), image_batch):
             b = min(a + image_batch, len(q))
-            cand = multiply(q[a:b, None, :], offsets[None, :, :]).reshape(-1, 4)
-            y = apply_transform(slicer.slices(cand), transform).reshape(b - a, k, -1)
-            x = images[a:b]
-            if xp is np:
-                cross = np.einsum("np,nkp->nk", x, y, dtype=np.float64)
-                ysq = np.einsum("nkp,nkp->nk", y, y, dtype=np.float64)
-                xsq = np.einsum("np,np->n", x, x, dtype=np.float64)[:, None]
-            else:  # float64 accumulation on the device too (the candidates are close)
-                x64, y64 = x.astype(xp.float64), y.astype(xp.float64)
-                cross = xp.einsum("np,nkp->nk", x64, y64)
-                ysq = xp.einsum("nkp,nkp->nk", y64, y64)
-                xsq = xp.einsum("np,np->n", x64, x64)[:, None]
-            if scale_per_image:
-                pos = xp.maximum(cross, 0)
-                d = xsq - xp.where(ysq > 0, pos * pos / xp.where(ysq > 0, ysq, 1), 0)
-            else:
-                d = xsq + ysq - 2 * cross
-            rows = xp.arange(b - a)
-            best = xp.argmin(d, axis=1)
-            # the candidate quaternions live on the host: one small copy per image block
-            best_h = to_module(best, np)
-            q[a:b] = cand.reshape(b - a, k, 4)[np.arange(b - a), best_h]
-            dist[a:b] = to_module(d[rows, best], np)
+            n = b - a
+            cand = multiply(q[a:b, None, :], offsets[None, :, :])  # (n, k, 4)
+            d = _candidate_distances(images[a:b], cand.reshape(-1, 4), slicer, transform,
+                                     scale_per_image, k)
+            if stencil == "axes":
+                extra = multiply(q[a:b], _rotvec_to_quaternion(_parabolic_offsets(d, h)))
+                d_extra = _candidate_distances(images[a:b], extra, slicer, transform,
+                                               scale_per_image, 1)
+                cand = np.concatenate([cand, extra[:, None, :]], axis=1)
+                d = np.concatenate([d, d_extra], axis=1)
+            best = np.argmin(d, axis=1)
+            q[a:b] = cand[np.arange(n), best]
+            dist[a:b] = d[np.arange(n), best]
     return canonical(q), dist
 
 

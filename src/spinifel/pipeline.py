@@ -285,7 +285,8 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
                 t = time.perf_counter()
                 quats, _ = refine_orientations(m_images, quats, slicer, 0.5 * grid_spacing(a.n_orientations),
                                                a.refine_rounds, a.scale_per_image,
-                                               transform=a.match_transform)
+                                               transform=a.match_transform,
+                                               stencil=a.refine_stencil)
                 timings["refinement"] = time.perf_counter() - t
             if prev_index is not None:
                 n_changed = np.array([float(np.count_nonzero(match.best_index != prev_index))])
