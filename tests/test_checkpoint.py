@@ -80,6 +80,17 @@ def test_checkpoint_of_other_config_is_refused(data, tmp_path, monkeypatch):
         run_pipeline(_cfg(data, tmp_path / "empty"), ctx, resume=True)
 
 
+def test_a_finished_run_can_be_extended(data, tmp_path):
+    """Raising algorithm.generations and resuming continues a finished run."""
+    ctx = ParallelContext.serial()
+    out = tmp_path / "o"
+    run_pipeline(_cfg(data, out, generations=2), ctx)
+    summary = run_pipeline(_cfg(data, out, generations=3), ctx, resume=True)
+    assert summary["generations"] == 3
+    m = json.loads((out / "metrics.json").read_text())
+    assert [g["generation"] for g in m["generations"]] == [0, 1, 2]
+
+
 def _mpirun(n, data, out, extra=(), env=None, timeout=120):
     cmd = [str(BIN / "mpiexec"), "-n", str(n), sys.executable, "-m", "spinifel", "run",
            "--out", str(out), "--set", f"data.path={data}", *extra]

@@ -519,7 +519,7 @@ def test_phasing_transfers_do_not_grow_with_iterations(monkeypatch, rng):
 
 @pytest.mark.parametrize("mode, scale, validation", [
     ("replicated", True, {}), ("distributed", False, {}),
-    ("replicated", True, {"half_sets": True, "prtf_runs": 2})])
+    ("replicated", True, {"half_sets": "shared", "prtf_runs": 2})])
 def test_pipeline_gpu_branches_match_numpy(monkeypatch, tmp_path, mode, scale, validation):
     """The whole pipeline with runtime.backend = cupy on the stand-in: the GPU branches run
     (cufinufft plans on device arrays, fused-kernel matching, staged collectives, pool

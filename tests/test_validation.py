@@ -163,7 +163,7 @@ def _cfg(path, out, validation=None, **algo):
 
 def test_half_sets_do_not_change_the_full_merge(tiny, tmp_path):
     """The full set's equations are the sum of the halves': generation 0 agrees to round-off."""
-    for name, val in (("plain", None), ("halves", {"half_sets": True})):
+    for name, val in (("plain", None), ("halves", {"half_sets": "shared"})):
         run_pipeline(_cfg(tiny, tmp_path / name, val, generations=1), ParallelContext.serial())
     with h5py.File(tmp_path / "plain" / "checkpoint.h5") as f0, \
             h5py.File(tmp_path / "halves" / "checkpoint.h5") as f1:
@@ -180,7 +180,7 @@ def test_half_sets_do_not_change_the_full_merge(tiny, tmp_path):
 
 def test_prtf_runs_write_summary_and_average_density(tiny, tmp_path):
     out = tmp_path / "prtf"
-    run_pipeline(_cfg(tiny, out, {"half_sets": True, "prtf_runs": 3}), ParallelContext.serial())
+    run_pipeline(_cfg(tiny, out, {"half_sets": "shared", "prtf_runs": 3}), ParallelContext.serial())
     doc = json.loads((out / "metrics.json").read_text())
     p = doc["prtf"]
     assert p["n_runs"] == 3 and len(p["prtf"]) == 25 // 2 + 1
@@ -227,7 +227,7 @@ def test_half_sets_and_prtf_on_one_and_two_ranks(tiny, tmp_path):
     for n in (1, 2):
         out = tmp_path / f"np{n}"
         cmd = [str(mpiexec), "-n", str(n), sys.executable, "-m", "spinifel", "run", "--out",
-               str(out), "--set", f"data.path={tiny}", "--set", "validation.half_sets=true",
+               str(out), "--set", f"data.path={tiny}", "--set", "validation.half_sets=shared",
                "--set", "validation.prtf_runs=3", "--set", "algorithm.generations=1"]
         for k, v in TINY["algorithm"].items():
             if k != "generations":
@@ -256,3 +256,76 @@ def test_eta_uses_recent_generations_and_measured_refinement():
     # refinement measured (50 s of a 60 s generation): base 10 s, + 50 s per refine generation
     eta, complete = estimate_remaining([(10.0, 0.0), (60.0, 50.0)], 8, 10, 8)
     assert eta == pytest.approx(10.0 + 50.0) and complete
+
+
+def test_independent_half_sets_match_each_half_against_its_own_map(tiny, tmp_path):
+    """Generation 2 in "independent" mode: each image's grid match is the nearest slice of
+    its own half map (checked with a direct match against the checkpointed half maps)."""
+    from spinifel.geometry.orientations import orientation_grid
+    from spinifel.io.dataset import read_geometry, read_shard
+    from spinifel.matching import match_orientations
+    from spinifel.slicing import Slicer
+    from spinifel.validation.halves import half_assignment
+
+    algo = {"match_resolution_ramp": 2, "refine_rounds": 0}
+    out = tmp_path / "ind"
+    run_pipeline(_cfg(tiny, out, {"half_sets": "independent"}, generations=2, **algo),
+                 ParallelContext.serial())
+    with h5py.File(out / "checkpoint.h5") as f:
+        half_models = f["half_phased_ac"][()]
+        full_model = f["phased_ac"][()]
+    run_pipeline(_cfg(tiny, out, {"half_sets": "independent"}, generations=3, **algo),
+                 ParallelContext.serial(), resume=True)
+    with h5py.File(out / "checkpoint.h5") as f:
+        got = f["match_index"][()]
+    cfg = _cfg(tiny, out, generations=3, **algo)
+    a = cfg.algorithm
+    geom = read_geometry(tiny)
+    images = read_shard(tiny, 0, 120, 0, 0, "error", geom).images[:, geom.mask].astype(np.float32)
+    pos = geom.positions[:, geom.mask]
+    grid = orientation_grid(a.n_orientations)
+    halves = half_assignment(120, cfg.runtime.seed)
+    expect = np.empty(120, dtype=np.int64)
+    for h in (0, 1):
+        sl = Slicer(half_models[h], pos, geom.reciprocal_extent, a.nufft_eps_slicing, np.float32)
+        st = match_orientations(images[halves == h], sl.iter_batches(grid, a.orientation_batch),
+                                a.scale_per_image, a.image_batch, a.match_transform)
+        expect[halves == h] = st.best_index
+    assert np.array_equal(got, expect)
+    # and it is not what matching against the full map gives
+    sl = Slicer(full_model, pos, geom.reciprocal_extent, a.nufft_eps_slicing, np.float32)
+    shared = match_orientations(images, sl.iter_batches(grid, a.orientation_batch),
+                                a.scale_per_image, a.image_batch, a.match_transform).best_index
+    assert not np.array_equal(got, shared)
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["generations"][2]["half_set"]["mode"] == "independent"
+
+
+def test_independent_half_sets_ring_equals_replicated_on_two_ranks(tiny, tmp_path):
+    """Independent half matching calls the ring collective once per half (uneven subsets
+    per rank): the result is bitwise the replicated one."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    if not mpiexec.exists():
+        pytest.skip("no mpiexec beside this python")
+    res = {}
+    for mode in ("replicated", "distributed"):
+        out = tmp_path / mode
+        cmd = [str(mpiexec), "-n", "2", sys.executable, "-m", "spinifel", "run", "--out",
+               str(out), "--set", f"data.path={tiny}", "--set", "validation.half_sets=independent",
+               "--set", f"algorithm.matching_mode={mode}", "--set", "algorithm.generations=3",
+               "--set", "algorithm.match_resolution_ramp=2"]
+        for k, v in TINY["algorithm"].items():
+            if k != "generations":
+                cmd += ["--set", f"algorithm.{k}={json.dumps(v)}"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert r.returncode == 0, r.stderr[-2000:]
+        with h5py.File(out / "result.h5") as f:
+            res[mode] = {k: f[k][()] for k in ("orientations", "density")}
+    for k in ("orientations", "density"):
+        assert np.array_equal(res["replicated"][k], res["distributed"][k]), k

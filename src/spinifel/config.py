@@ -183,11 +183,13 @@ class EvaluationConfig:
 
 @dataclass(frozen=True)
 class ValidationConfig:
-    half_sets: bool
+    half_sets: str
     prtf_runs: int
     prtf_average: bool
 
     def __post_init__(self) -> None:
+        _check(self.half_sets in ("off", "shared", "independent"), "validation.half_sets",
+               f"must be 'off', 'shared' or 'independent', got {self.half_sets!r}")
         _check(self.prtf_runs == 0 or 2 <= self.prtf_runs <= 1000, "validation.prtf_runs",
                f"must be 0 (off) or in [2, 1000], got {self.prtf_runs}")
 

@@ -182,7 +182,7 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
                        cfg.data.negative, geom, cfg.data.format)
     t_io = time.perf_counter() - t_io
     halves = None
-    if cfg.validation.half_sets:
+    if cfg.validation.half_sets != "off":
         from spinifel.validation.halves import half_assignment
 
         if n_images < 4:
@@ -264,35 +264,36 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
     for g in range(first, a.generations):
         timings: dict[str, float] = {}
         changed = float("nan")
+        independent = False
         if g > 0 and not a.use_true_orientations:
-            t = time.perf_counter()
             sel = s_norm <= matching_resolution(g, a) * s_norm.max()
             d_sel = to_module(sel, xp)
             m_images = images if sel.all() else xp.ascontiguousarray(images[:, d_sel])
-            slicer = Slicer(state.phased_ac, d_positions[:, d_sel], extent, a.nufft_eps_slicing, real,
-                            threads)
-            if a.matching_mode == "distributed":
-                match = match_distributed(comm, m_images, slicer, grid, orientation_batch,
-                                          a.scale_per_image, image_batch, a.match_transform,
-                                          timings)
+            refine = a.refine_rounds > 0 and g >= a.generations - a.refine_generations
+            assign = dict(cfg=cfg, comm=comm, positions=d_positions[:, d_sel], extent=extent,
+                          grid=grid, real=real, threads=threads,
+                          orientation_batch=orientation_batch, image_batch=image_batch,
+                          refine=refine, timings=timings)
+            independent = (halves is not None and cfg.validation.half_sets == "independent"
+                           and g >= a.match_resolution_ramp
+                           and half_states[0].phased_ac is not None)
+            if independent:
+                # Gold standard: each half is matched against its own half map only.
+                best = np.empty(len(quats), dtype=np.int64)
+                quats = np.empty((len(quats), 4))
+                for h in (0, 1):
+                    mine = halves == h
+                    best[mine], quats[mine] = _assign_orientations(
+                        model_ac=half_states[h].phased_ac,
+                        images=m_images[to_module(mine, xp)], **assign)
             else:
-                match = match_orientations(m_images, _timed_batches(slicer, grid, orientation_batch, timings),
-                                           a.scale_per_image, image_batch, a.match_transform)
-            match = match.to(np)  # orientations are bookkept on the host
-            timings["matching"] = time.perf_counter() - t - timings.get("slicing", 0.0)
-            quats = grid[match.best_index]
-            if a.refine_rounds > 0 and g >= a.generations - a.refine_generations:
-                t = time.perf_counter()
-                quats, _ = refine_orientations(m_images, quats, slicer, 0.5 * grid_spacing(a.n_orientations),
-                                               a.refine_rounds, a.scale_per_image,
-                                               transform=a.match_transform,
-                                               stencil=a.refine_stencil)
-                timings["refinement"] = time.perf_counter() - t
+                best, quats = _assign_orientations(model_ac=state.phased_ac, images=m_images,
+                                                   **assign)
             if prev_index is not None:
-                n_changed = np.array([float(np.count_nonzero(match.best_index != prev_index))])
+                n_changed = np.array([float(np.count_nonzero(best != prev_index))])
                 changed = float(allreduce_sum(comm, n_changed)[0]) / n_images
-            prev_index = match.best_index
-            slicer = m_images = None  # the slices' memory, before the merge's buffers
+            prev_index = best
+            m_images = None  # the slices' memory, before the merge's buffers
             release_memory_pool(xp)
         if halves is None:
             eq = accumulate_normal_equations(comm, images, quats, d_positions, extent, M, None,
@@ -360,6 +361,7 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
                 t = time.perf_counter()
                 half_set_summary = half_map_fsc(half_states[0].density, half_states[1].density,
                                                 voxel_A)
+                half_set_summary["mode"] = "independent" if independent else "shared"
                 timings["half_sets"] += time.perf_counter() - t
         density_change = float("nan")
         if state.density is not None:
@@ -475,6 +477,39 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
     if final_eval is not None:
         out["evaluation"] = _summary(final_eval)
     return out
+
+
+def _assign_orientations(*, cfg: Config, comm: Any, model_ac: np.ndarray, images: Any,
+                         positions: Any, extent: float, grid: np.ndarray, real: Any,
+                         threads: int, orientation_batch: int, image_batch: int, refine: bool,
+                         timings: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Slice ``model_ac``, match ``images`` on the grid, refine off the grid if asked.
+
+    Collective in the distributed matching mode. Adds to ``timings`` ("slicing",
+    "matching", "refinement"). Returns the grid indices ``(n,)`` and the orientations
+    ``(n, 4)`` on the host.
+    """
+    a = cfg.algorithm
+    t = time.perf_counter()
+    slicing_before = timings.get("slicing", 0.0)
+    slicer = Slicer(model_ac, positions, extent, a.nufft_eps_slicing, real, threads)
+    if a.matching_mode == "distributed":
+        match = match_distributed(comm, images, slicer, grid, orientation_batch,
+                                  a.scale_per_image, image_batch, a.match_transform, timings)
+    else:
+        match = match_orientations(images, _timed_batches(slicer, grid, orientation_batch, timings),
+                                   a.scale_per_image, image_batch, a.match_transform)
+    match = match.to(np)  # orientations are bookkept on the host
+    timings["matching"] = (timings.get("matching", 0.0) + time.perf_counter() - t
+                           - (timings.get("slicing", 0.0) - slicing_before))
+    quats = grid[match.best_index]
+    if refine:
+        t = time.perf_counter()
+        quats, _ = refine_orientations(images, quats, slicer, 0.5 * grid_spacing(a.n_orientations),
+                                       a.refine_rounds, a.scale_per_image,
+                                       transform=a.match_transform, stencil=a.refine_stencil)
+        timings["refinement"] = timings.get("refinement", 0.0) + time.perf_counter() - t
+    return match.best_index, quats
 
 
 def _half_arrays(half_states: list | None) -> dict:

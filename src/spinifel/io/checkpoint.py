@@ -5,7 +5,8 @@ code: it holds only numeric arrays and text. There is no RNG state to store: eve
 choice derives from ``runtime.seed`` and the generation number (see pipeline.py).
 
 A checkpoint carries a fingerprint of the dataset's shape and of the config's
-``[algorithm]``, ``[detector]`` and ``[runtime].seed`` / precision settings; a run with a
+``[algorithm]`` (except ``generations``, which may be raised to continue a finished
+run), ``[detector]`` and ``[runtime].seed`` / precision settings; a run with a
 different fingerprint refuses to resume from it. The number of ranks may differ.
 """
 
@@ -31,7 +32,9 @@ _ARRAYS = ("merged_ac", "phased_ac", "density", "support", "orientations", "matc
 def fingerprint(cfg: Any, n_images: int, detector_shape: tuple) -> str:
     """SHA-256 of what must match for a checkpoint to be valid for this run."""
     d = cfg.to_dict()
-    key = {"algorithm": d["algorithm"], "detector": d["detector"],
+    # The number of generations may grow on resume: "run 10 more" is a normal request.
+    algorithm = {k: v for k, v in d["algorithm"].items() if k != "generations"}
+    key = {"algorithm": algorithm, "detector": d["detector"],
            "seed": d["runtime"]["seed"], "precision": d["runtime"]["precision"],
            "n_images": int(n_images), "detector_shape": [int(x) for x in detector_shape]}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
