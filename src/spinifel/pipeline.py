@@ -234,6 +234,13 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
                 match = match_distributed(comm, m_images, slicer, grid, a.orientation_batch,
                                           a.scale_per_image, a.image_batch, a.match_transform,
                                           timings)
+            elif a.search == "coarse_to_fine":
+                from spinifel.coarse_to_fine import match_with_config
+
+                match, c2f = match_with_config(m_images, state.phased_ac, positions[:, sel], extent,
+                                               slicer, a, real, threads, timings)
+                log.info("coarse-to-fine search: %d distance evaluations, %.1fx fewer than "
+                         "exhaustive", c2f.evaluations, c2f.reduction)
             else:
                 match = match_orientations(m_images, _timed_batches(slicer, grid, a.orientation_batch, timings),
                                            a.scale_per_image, a.image_batch, a.match_transform)
