@@ -131,3 +131,36 @@ def test_config_refuses_distributed_coarse_to_fine():
         load_config(None, ["algorithm.n_orientations=100", "algorithm.coarse_candidates=13"])
     cfg = load_config(None, ["algorithm.search=coarse_to_fine"])
     assert cfg.algorithm.search == "coarse_to_fine"
+
+
+def test_pipeline_runs_coarse_to_fine(tmp_path, caplog):
+    import logging
+
+    import h5py
+
+    from spinifel.config import load_config
+    from spinifel.parallel.context import ParallelContext
+    from spinifel.pipeline import run_pipeline
+    from spinifel.simulate.dataset import simulate_dataset
+    from spinifel.simulate.structure import builtin_molecule
+
+    data = tmp_path / "tiny.h5"
+    simulate_dataset(data, builtin_molecule(seed=0, n_atoms=300), n_images=60, n_pixels=16,
+                     pixel_size_m=6e-3, M=25, seed=0, beamstop_radius_px=1.0)
+    algo = {"M": 25, "generations": 2, "n_orientations": 1000, "n_phase_loops": 1, "n_er": 5,
+            "n_hio": 5, "n_final_er": 5, "refine_generations": 0, "lambdas": [1e-1],
+            "cg_max_iter": 10, "search": "coarse_to_fine"}
+    cfg = load_config(None, (), {"algorithm": algo, "data": {"path": str(data)},
+                                 "output": {"dir": str(tmp_path / "out")}})
+    with caplog.at_level(logging.INFO, logger="spinifel"):
+        run_pipeline(cfg, ParallelContext.serial())
+    # 60 images x 1000 fine orientations exhaustively; the coarse pass alone is 60 x 125
+    line = [r.getMessage() for r in caplog.records if "coarse-to-fine search" in r.getMessage()]
+    assert len(line) == 1
+    n_eval = int(line[0].split(":")[1].split()[0])
+    assert 60 * 125 < n_eval < 60 * 1000
+    # every matched orientation is a point of the fine grid
+    with h5py.File(tmp_path / "out" / "result.h5") as f:
+        q = f["orientations"][()]
+    fine = orientation_grid(1000)
+    assert np.allclose(np.abs(q @ fine.T).max(axis=1), 1.0, atol=1e-12)

@@ -349,10 +349,14 @@ def match_coarse_to_fine(images: np.ndarray, slicer, coarse_slicer, coarse_pixel
     return state, stats
 
 
-def coarse_pixel_selection(positions: np.ndarray, fraction: float) -> np.ndarray:
-    """Indices of the pixels with ``|s|`` at most ``fraction`` of the largest (coarse pass)."""
+def coarse_pixel_selection(positions: np.ndarray, fraction: float,
+                           s_max: float | None = None) -> np.ndarray:
+    """Indices of the pixels with ``|s| <= fraction * s_max`` (the coarse pass's pixels).
+
+    ``s_max`` defaults to the largest ``|s|`` of ``positions`` (3, P).
+    """
     s = np.linalg.norm(np.asarray(positions, dtype=np.float64), axis=0)
-    return np.flatnonzero(s <= fraction * s.max())
+    return np.flatnonzero(s <= fraction * (s.max() if s_max is None else s_max))
 
 
 def default_coarse_size(n_orientations: int) -> int:
@@ -365,15 +369,18 @@ def match_with_config(images: np.ndarray, autocorrelation: np.ndarray, positions
                       timings: dict | None = None) -> tuple[MatchState, SearchStats]:
     """Coarse-to-fine matching with the settings of ``a`` (an ``AlgorithmConfig``).
 
-    Builds the coarse-pass slicer on the inner pixels of ``positions`` (the pixels of
-    ``images``) and uses the cached grids and neighbour lists. The slicing time of both
-    passes is added to ``timings["slicing"]``.
+    Builds the coarse-pass slicer on the pixels of ``positions`` (those of ``images``) with
+    ``|s|`` up to ``a.coarse_resolution * reciprocal_extent``: a fraction of the detector's
+    largest ``|s|``, so a generation that already matches at low resolution (resolution
+    marching) keeps all its pixels in the coarse pass rather than a fraction of them. Uses
+    the cached grids and neighbour lists. The slicing time of both passes is added to
+    ``timings["slicing"]``.
     """
     from spinifel.slicing import Slicer
 
     n_coarse = a.coarse_n_orientations or default_coarse_size(a.n_orientations)
     fine, coarse, indptr, indices = search_grids(a.n_orientations, n_coarse, a.coarse_radius)
-    cpix = coarse_pixel_selection(positions, a.coarse_resolution)
+    cpix = coarse_pixel_selection(positions, a.coarse_resolution, reciprocal_extent)
     cslicer = Slicer(autocorrelation, positions[:, cpix], reciprocal_extent, a.nufft_eps_slicing,
                      dtype, threads)
     state, stats = match_coarse_to_fine(images, slicer, cslicer, cpix, fine, coarse, indptr, indices,
