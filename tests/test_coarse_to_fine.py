@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from spinifel.coarse_to_fine import (coarse_pixel_selection, grid_neighbours, match_coarse_to_fine,
-                                     search_grids, top_k_matches)
-from spinifel.geometry.orientations import (angle_between, grid_spacing, orientation_grid,
+                                     search_grids, search_lists, top_k_matches, twin_axis,
+                                     twin_rotation)
+from spinifel.geometry.orientations import (angle_between, grid_spacing, multiply, orientation_grid,
                                             random_quaternions)
 from spinifel.matching import match_orientations
 from spinifel.slicing import Slicer
@@ -32,6 +33,37 @@ def test_neighbour_lists_brute_force(rng):
     for c in range(60):
         assert np.array_equal(indices[indptr[c]:indptr[c + 1]], ref[c])
     assert sum(len(r) for r in ref) > 60  # not trivially empty
+    # twin rows: the neighbours of the half turn of each coarse orientation about an axis
+    axis = np.array([0.3, -0.2, 0.9]) / np.linalg.norm([0.3, -0.2, 0.9])
+    indptr2, indices2 = search_lists(coarse, fine, radius, axis)
+    twin = multiply(coarse, np.concatenate([[0.0], axis]))
+    ref_twin = _brute_neighbours(twin, fine, radius)
+    assert len(indptr2) == 121
+    for c in range(60):
+        assert np.array_equal(indices2[indptr2[c]:indptr2[c + 1]], ref[c])
+        assert np.array_equal(indices2[indptr2[60 + c]:indptr2[61 + c]], ref_twin[c])
+
+
+def test_twin_is_friedel_mate_on_a_flat_detector(rng):
+    # pixels in a tilted plane through the origin: the fitted axis is its normal, and the
+    # half turn about it gives the same image (centrosymmetric intensity), to NUFFT accuracy
+    normal = np.array([0.2, 0.1, 1.0]) / np.linalg.norm([0.2, 0.1, 1.0])
+    u = np.cross(normal, [1.0, 0, 0])
+    u /= np.linalg.norm(u)
+    v = np.cross(normal, u)
+    g = np.linspace(-1, 1, 9)
+    a, b = np.meshgrid(g, g, indexing="ij")
+    s = (u[:, None] * a.ravel() + v[:, None] * b.ravel()) * 1e9
+    assert np.allclose(twin_axis(s), normal, atol=1e-12)
+    x = rng.uniform(0, 1, (15, 15, 15))
+    ac = np.real(np.fft.fftshift(np.fft.ifftn(np.abs(np.fft.fftn(np.fft.ifftshift(x))) ** 2)))
+    slicer = Slicer(ac, s, np.linalg.norm(s, axis=0).max(), eps=1e-10, dtype=np.float64)
+    q = random_quaternions(5, rng)
+    same = slicer.slices(q)
+    twin = slicer.slices(multiply(q, twin_rotation(normal)[None, :]))
+    assert np.abs(twin - same).max() <= 1e-8 * np.abs(same).max()
+    other = slicer.slices(multiply(q, np.array([[np.cos(0.3), *(np.sin(0.3) * normal)]])))
+    assert np.abs(other - same).max() > 1e-2 * np.abs(same).max()  # not trivially equal
 
 
 @pytest.mark.parametrize("scale,transform", [(False, "none"), (True, "none"), (True, "sqrt")])
@@ -82,22 +114,26 @@ def _problem(rng, n_images):
 
 
 def test_coarse_to_fine_agrees_with_exhaustive(rng):
-    n_images, n_fine, n_coarse, k, radius = 200, 4000, 500, 4, 1.25
+    n_images, n_fine, n_coarse, k, radius = 200, 4000, 500, 2, 1.25
     ac, s, extent, slicer, images = _problem(rng, n_images)
-    fine, coarse, indptr, indices = search_grids(n_fine, n_coarse, radius)
+    axis = twin_axis(s)
+    fine, coarse, indptr, indices = search_grids(n_fine, n_coarse, radius, tuple(axis))
     cpix = coarse_pixel_selection(s, 0.5)
     cslicer = Slicer(ac, s[:, cpix], extent, eps=1e-8, dtype=np.float64)
     exh = match_orientations(images, slicer.iter_batches(fine, 500), True, transform="sqrt")
     st, stats = match_coarse_to_fine(images, slicer, cslicer, cpix, fine, coarse, indptr, indices,
-                                     k, 500, True, transform="sqrt")
+                                     k, 500, True, transform="sqrt", twins=True)
     agree = np.mean(st.best_index == exh.best_index)
     assert agree >= 0.95, agree
 
     # the count, independently: the coarse top-k (brute-force neighbour lists) per image
     top = top_k_matches(images[:, cpix], cslicer.iter_batches(coarse, 500), k, True,
                         transform="sqrt")
-    nbr = _brute_neighbours(coarse, fine, radius * grid_spacing(n_coarse))
-    expected = n_images * n_coarse + sum(len(nbr[c]) for c in top.index.ravel())
+    r = radius * grid_spacing(n_coarse)
+    nbr = _brute_neighbours(coarse, fine, r)
+    nbr += _brute_neighbours(multiply(coarse, np.concatenate([[0.0], axis])), fine, r)
+    cand = np.concatenate([top.index, top.index + n_coarse], axis=1)  # candidates and twins
+    expected = n_images * n_coarse + sum(len(nbr[c]) for c in cand.ravel())
     assert stats.coarse_evaluations == n_images * n_coarse
     assert stats.evaluations == expected
     assert stats.exhaustive_evaluations == n_images * n_fine
@@ -110,13 +146,13 @@ def test_coarse_to_fine_agrees_with_exhaustive(rng):
     cross = np.maximum(d @ y.T, 0)
     dist = (d * d).sum(1)[:, None] - cross ** 2 / (y * y).sum(1)[None]
     for i in range(n_images):
-        cand = np.unique(np.concatenate([nbr[c] for c in top.index[i]]))
-        assert st.best_index[i] == cand[np.argmin(dist[i, cand])]
+        pool = np.unique(np.concatenate([nbr[c] for c in cand[i]]))
+        assert st.best_index[i] == pool[np.argmin(dist[i, pool])]
         assert st.best_dist[i] == pytest.approx(dist[i, st.best_index[i]], rel=1e-9)
 
     # nothing depends on the batch sizes
     st2, stats2 = match_coarse_to_fine(images, slicer, cslicer, cpix, fine, coarse, indptr, indices,
-                                       k, 97, True, image_batch=13, transform="sqrt")
+                                       k, 97, True, image_batch=13, transform="sqrt", twins=True)
     assert np.array_equal(st2.best_index, st.best_index)
     assert stats2.evaluations == stats.evaluations
 

@@ -74,8 +74,8 @@ def synthetic_problem(M: int, n_pixels: int, n_images: int, seed: int, dtype) ->
 def search_bench(images: np.ndarray, slicer: Slicer, ac: np.ndarray, positions: np.ndarray,
                  extent: float, grid: np.ndarray, batch: int, dtype, threads: int,
                  exhaustive_seconds: float, exhaustive_batches, coarse_n_orientations: int = 0,
-                 coarse_resolution: float = 0.5, coarse_candidates: int = 4,
-                 coarse_radius: float = 1.25) -> dict:
+                 coarse_resolution: float = 0.5, coarse_candidates: int = 2,
+                 coarse_radius: float = 1.25, coarse_twins: bool = True) -> dict:
     """Coarse-to-fine search against exhaustive matching on the same images and fine grid.
 
     Returns its seconds (slicing included), ``exhaustive_seconds`` (given: slicing +
@@ -83,13 +83,14 @@ def search_bench(images: np.ndarray, slicer: Slicer, ac: np.ndarray, positions: 
     fraction of images that get the same fine orientation.
     """
     from spinifel.coarse_to_fine import (coarse_pixel_selection, default_coarse_size,
-                                         grid_neighbours, match_coarse_to_fine)
+                                         match_coarse_to_fine, search_lists, twin_axis)
     from spinifel.geometry.orientations import grid_spacing
 
     kc = coarse_n_orientations or default_coarse_size(len(grid))
     coarse = orientation_grid(kc)
     t = time.perf_counter()
-    indptr, indices = grid_neighbours(coarse, grid, coarse_radius * grid_spacing(kc))
+    indptr, indices = search_lists(coarse, grid, coarse_radius * grid_spacing(kc),
+                                   twin_axis(positions) if coarse_twins else None)
     t_nbr = time.perf_counter() - t
     exh = match_orientations(images, exhaustive_batches, True, 4096, "sqrt")
     cpix = coarse_pixel_selection(positions, coarse_resolution)
@@ -97,7 +98,7 @@ def search_bench(images: np.ndarray, slicer: Slicer, ac: np.ndarray, positions: 
     res: list = []
     t_ours = _clock(lambda: res.__setitem__(slice(None), match_coarse_to_fine(
         images, slicer, cslicer, cpix, grid, coarse, indptr, indices, coarse_candidates, batch,
-        True, 4096, "sqrt")))
+        True, 4096, "sqrt", coarse_twins)))
     st, stats = res
     return {"seconds": t_ours, "limit_seconds": None, "exhaustive_seconds": exhaustive_seconds,
             "evaluations": stats.evaluations, "exhaustive_evaluations": stats.exhaustive_evaluations,
@@ -107,7 +108,8 @@ def search_bench(images: np.ndarray, slicer: Slicer, ac: np.ndarray, positions: 
             "fine_pixels": stats.fine_pixels, "fine_sliced": stats.fine_sliced,
             "neighbour_lists_seconds": t_nbr, "stages": dict(stats.timings),
             "settings": {"coarse_resolution": coarse_resolution,
-                         "coarse_candidates": coarse_candidates, "coarse_radius": coarse_radius}}
+                         "coarse_candidates": coarse_candidates, "coarse_radius": coarse_radius,
+                         "coarse_twins": coarse_twins}}
 
 
 def run_bench(comm: Any, *, images_per_rank: int, n_pixels: int, M: int, n_orientations: int,

@@ -14,6 +14,11 @@ Exhaustive matching compares every image with every orientation of the fine grid
    distance as exhaustive matching, with the fine orientations ``N(c)``: one GEMM per
    coarse orientation. Each fine slice needed is computed once.
 
+With ``twins`` the fine pass also searches around the half turn about the beam of every
+candidate (:func:`twin_rotation`): Friedel symmetry makes those two orientations give
+nearly the same image at low resolution, so the coarse pass alone cannot choose between
+them, while the full-resolution fine pass can.
+
 Distance evaluations (image-orientation pairs compared) are ``n K_c + sum_c |G_c| |N(c)|``
 instead of ``n K`` (``G_c``: the images with candidate ``c``); they are counted and returned.
 Ties go to the lower fine index and nothing depends on batch sizes or on the rank, so the
@@ -188,15 +193,62 @@ def grid_neighbours(coarse: np.ndarray, fine: np.ndarray, radius: float,
     return indptr, (np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64))
 
 
+def twin_axis(positions: np.ndarray) -> np.ndarray:
+    """The beam axis as seen by the pixels: the normal of the plane through the origin that
+    best fits the reciprocal pixel positions ``(3, P)`` (least squares), a unit 3-vector.
+
+    The pixels lie on the Ewald sphere through the origin, nearly a plane normal to the
+    beam at these resolutions.
+    """
+    p = np.asarray(positions, dtype=np.float64)
+    _, vecs = np.linalg.eigh(p @ p.T)
+    axis = vecs[:, 0]  # smallest eigenvalue: least spread
+    return axis * (1.0 if axis[np.argmax(np.abs(axis))] > 0 else -1.0)
+
+
+def twin_rotation(axis) -> np.ndarray:
+    """Quaternion of the half turn about ``axis`` (unit 3-vector): ``[0, axis]``.
+
+    For pixels in the plane normal to ``axis`` the half turn maps ``s`` to ``-s``, and the
+    intensity is centrosymmetric (Friedel), so orientations ``q`` and ``q * t`` give the same
+    image up to the Ewald sphere's curvature, which is smallest at the inner pixels the
+    coarse pass uses: the coarse pass cannot tell these twins apart.
+    """
+    a = np.asarray(axis, dtype=np.float64)
+    return np.concatenate([[0.0], a / np.linalg.norm(a)])
+
+
+def search_lists(coarse: np.ndarray, fine: np.ndarray, radius: float,
+                 axis=None) -> tuple[np.ndarray, np.ndarray]:
+    """Fine-grid search lists of the coarse orientations (CSR, as :func:`grid_neighbours`).
+
+    Row ``c`` lists the fine orientations within ``radius`` of coarse ``c``; with ``axis``
+    rows ``K_c + c`` follow, listing those within ``radius`` of its twin ``c * t``
+    (:func:`twin_rotation`).
+    """
+    from spinifel.geometry.orientations import multiply
+
+    centres = np.asarray(coarse, dtype=np.float64)
+    if axis is not None:
+        centres = np.concatenate([centres, multiply(centres, twin_rotation(axis)[None, :])])
+    return grid_neighbours(centres, fine, radius)
+
+
 @functools.lru_cache(maxsize=4)
-def search_grids(n_fine: int, n_coarse: int, radius_spacings: float):
-    """Fine and coarse super-Fibonacci grids and the neighbour lists (cached: fixed per run).
+def search_grids(n_fine: int, n_coarse: int, radius_spacings: float,
+                 axis: tuple[float, float, float] | None = None):
+    """Fine and coarse super-Fibonacci grids and the search lists (cached: fixed per run).
 
     ``radius_spacings`` is the neighbour radius in units of the coarse grid spacing
-    :func:`~spinifel.geometry.orientations.grid_spacing` ``(n_coarse)``.
+    :func:`~spinifel.geometry.orientations.grid_spacing` ``(n_coarse)``; ``axis``: the twin
+    axis (:func:`search_lists`), or None for no twin lists.
+
+    Returns
+    -------
+    (fine (K, 4), coarse (K_c, 4), indptr, indices)
     """
     fine, coarse = orientation_grid(n_fine), orientation_grid(n_coarse)
-    indptr, indices = grid_neighbours(coarse, fine, radius_spacings * grid_spacing(n_coarse))
+    indptr, indices = search_lists(coarse, fine, radius_spacings * grid_spacing(n_coarse), axis)
     for x in (fine, coarse, indptr, indices):
         x.setflags(write=False)
     return fine, coarse, indptr, indices
@@ -242,7 +294,8 @@ def match_coarse_to_fine(images: np.ndarray, slicer, coarse_slicer, coarse_pixel
                          fine_grid: np.ndarray, coarse_grid: np.ndarray, indptr: np.ndarray,
                          indices: np.ndarray, n_candidates: int, batch: int,
                          scale_per_image: bool = False, image_batch: int = 4096,
-                         transform: str = "none") -> tuple[MatchState, SearchStats]:
+                         transform: str = "none", twins: bool = False
+                         ) -> tuple[MatchState, SearchStats]:
     """Nearest fine-grid model slice of every image by the two-pass search (module doc).
 
     Parameters
@@ -258,11 +311,15 @@ def match_coarse_to_fine(images: np.ndarray, slicer, coarse_slicer, coarse_pixel
     fine_grid : ndarray (K, 4)
     coarse_grid : ndarray (K_c, 4)
     indptr, indices : ndarray
-        Neighbour lists of the coarse orientations in the fine grid (:func:`grid_neighbours`).
+        Search lists of the coarse orientations in the fine grid (:func:`search_lists`):
+        ``K_c`` rows, or ``2 K_c`` with ``twins``.
     n_candidates : int
         Coarse orientations kept per image (``k``).
     batch : int
         Orientations sliced per batch (bounds the NUFFT memory).
+    twins : bool
+        Also search around the half-turn twin of every candidate (rows ``K_c + c`` of the
+        lists).
 
     Returns
     -------
@@ -273,6 +330,9 @@ def match_coarse_to_fine(images: np.ndarray, slicer, coarse_slicer, coarse_pixel
     kc = len(coarse_grid)
     if not 1 <= n_candidates <= kc:
         raise ValueError(f"n_candidates must be in [1, {kc}], got {n_candidates}")
+    if len(indptr) != (2 if twins else 1) * kc + 1:
+        raise ValueError(f"search lists have {len(indptr) - 1} rows, expected "
+                         f"{(2 if twins else 1) * kc} for {kc} coarse orientations (twins={twins})")
     stats = SearchStats(exhaustive_evaluations=n * len(fine_grid), coarse_pixels=len(coarse_pixels),
                         fine_pixels=P)
     tm = stats.timings
@@ -291,10 +351,12 @@ def match_coarse_to_fine(images: np.ndarray, slicer, coarse_slicer, coarse_pixel
     stats.coarse_evaluations = n * kc
     del x_c
 
-    # group the images by candidate: image i is in G_c for each of its k candidates c
+    # group the images by search list: image i is in G_c for each of its k candidates c
+    # (and their twins, rows K_c + c)
     t = time.perf_counter()
-    cand = top.index.ravel()
-    img = np.repeat(np.arange(n, dtype=np.int64), n_candidates)
+    cand = np.concatenate([top.index, top.index + kc], axis=1) if twins else top.index
+    img = np.repeat(np.arange(n, dtype=np.int64), cand.shape[1])
+    cand = cand.ravel()
     order = np.argsort(cand, kind="stable")  # stable: images ascending within a group
     cand, img = cand[order], img[order]
     used, starts = np.unique(cand, return_index=True)
@@ -379,13 +441,15 @@ def match_with_config(images: np.ndarray, autocorrelation: np.ndarray, positions
     from spinifel.slicing import Slicer
 
     n_coarse = a.coarse_n_orientations or default_coarse_size(a.n_orientations)
-    fine, coarse, indptr, indices = search_grids(a.n_orientations, n_coarse, a.coarse_radius)
+    # rounded: the cache key must not change with the round-off of the pixel subset
+    axis = tuple(np.round(twin_axis(positions), 6)) if a.coarse_twins else None
+    fine, coarse, indptr, indices = search_grids(a.n_orientations, n_coarse, a.coarse_radius, axis)
     cpix = coarse_pixel_selection(positions, a.coarse_resolution, reciprocal_extent)
     cslicer = Slicer(autocorrelation, positions[:, cpix], reciprocal_extent, a.nufft_eps_slicing,
                      dtype, threads)
     state, stats = match_coarse_to_fine(images, slicer, cslicer, cpix, fine, coarse, indptr, indices,
                                         a.coarse_candidates, a.orientation_batch, a.scale_per_image,
-                                        a.image_batch, a.match_transform)
+                                        a.image_batch, a.match_transform, a.coarse_twins)
     if timings is not None:
         timings["slicing"] = (timings.get("slicing", 0.0) + stats.timings["coarse_slicing"]
                               + stats.timings["fine_slicing"])

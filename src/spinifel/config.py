@@ -91,6 +91,7 @@ class AlgorithmConfig:
     coarse_resolution: float
     coarse_candidates: int
     coarse_radius: float
+    coarse_twins: bool
     match_resolution_start: float
     match_resolution_ramp: int
     refine_rounds: int

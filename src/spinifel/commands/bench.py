@@ -26,10 +26,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="coarse grid of the coarse-to-fine search (0 = orientations / 8)")
     parser.add_argument("--coarse-resolution", type=float, default=0.5,
                         help="fraction of the largest |s| used in the coarse pass")
-    parser.add_argument("--coarse-candidates", type=int, default=4,
+    parser.add_argument("--coarse-candidates", type=int, default=2,
                         help="coarse orientations kept per image")
     parser.add_argument("--coarse-radius", type=float, default=1.25,
                         help="fine neighbours within this many coarse grid spacings")
+    parser.add_argument("--coarse-twins", action=argparse.BooleanOptionalAction, default=True,
+                        help="also search around the half-turn twin of every coarse candidate")
     parser.add_argument("--json", help="write the measurements (every rank's) to this file")
     parser.add_argument("--plot", help="write the per-stage breakdown (rank 0) to this PNG")
 
@@ -48,7 +50,8 @@ def main(args: argparse.Namespace) -> int:
                 f"algorithm.coarse_n_orientations={args.coarse_orientations}",
                 f"algorithm.coarse_resolution={args.coarse_resolution}",
                 f"algorithm.coarse_candidates={args.coarse_candidates}",
-                f"algorithm.coarse_radius={args.coarse_radius}"])
+                f"algorithm.coarse_radius={args.coarse_radius}",
+                f"algorithm.coarse_twins={str(args.coarse_twins).lower()}"])
     threads = configure_threads(args.threads)
     comm = collective_ctx.comm
     res = run_bench(comm, images_per_rank=args.images_per_rank, n_pixels=args.pixels, M=args.M,
@@ -57,7 +60,8 @@ def main(args: argparse.Namespace) -> int:
                     search={"coarse_n_orientations": args.coarse_orientations,
                             "coarse_resolution": args.coarse_resolution,
                             "coarse_candidates": args.coarse_candidates,
-                            "coarse_radius": args.coarse_radius})
+                            "coarse_radius": args.coarse_radius,
+                            "coarse_twins": args.coarse_twins})
     every = comm.allgather(res)
     if collective_ctx.is_root:
         head = (f"spinifel-mpi bench: {comm.Get_size()} rank(s), {args.images_per_rank} images/rank of "
@@ -70,7 +74,8 @@ def main(args: argparse.Namespace) -> int:
         c2f = every[0]["coarse_to_fine"]
         print(f"coarse-to-fine search ({c2f['coarse_orientations']} coarse orientations on "
               f"{c2f['coarse_pixels']} of {c2f['fine_pixels']} pixels, "
-              f"{c2f['settings']['coarse_candidates']} candidates): {c2f['evaluations']:.4g} distance "
+              f"{c2f['settings']['coarse_candidates']} candidates"
+              f"{' and their twins' if c2f['settings']['coarse_twins'] else ''}): {c2f['evaluations']:.4g} distance "
               f"evaluations vs {c2f['exhaustive_evaluations']:.4g} exhaustive "
               f"({c2f['evaluation_ratio']:.2f}x fewer), {c2f['seconds']:.3f} s vs "
               f"{c2f['exhaustive_seconds']:.3f} s (slicing included), same orientation for "
