@@ -74,7 +74,7 @@ def synthetic_problem(M: int, n_pixels: int, n_images: int, seed: int, dtype) ->
 def search_bench(images: np.ndarray, slicer: Slicer, ac: np.ndarray, positions: np.ndarray,
                  extent: float, grid: np.ndarray, batch: int, dtype, threads: int,
                  exhaustive_seconds: float, exhaustive_batches, coarse_n_orientations: int = 0,
-                 coarse_resolution: float = 0.5, coarse_candidates: int = 2,
+                 coarse_resolution: float = 0.7, coarse_candidates: int = 2,
                  coarse_radius: float = 1.25, coarse_twins: bool = True) -> dict:
     """Coarse-to-fine search against exhaustive matching on the same images and fine grid.
 

@@ -24,7 +24,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="threads per rank")
     parser.add_argument("--coarse-orientations", type=int, default=0,
                         help="coarse grid of the coarse-to-fine search (0 = orientations / 8)")
-    parser.add_argument("--coarse-resolution", type=float, default=0.5,
+    parser.add_argument("--coarse-resolution", type=float, default=0.7,
                         help="fraction of the largest |s| used in the coarse pass")
     parser.add_argument("--coarse-candidates", type=int, default=2,
                         help="coarse orientations kept per image")
