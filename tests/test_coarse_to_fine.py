@@ -3,11 +3,23 @@
 import numpy as np
 import pytest
 
-from spinifel.coarse_to_fine import (coarse_pixel_selection, grid_neighbours, match_coarse_to_fine,
-                                     search_grids, search_lists, top_k_matches, twin_axis,
-                                     twin_rotation)
-from spinifel.geometry.orientations import (angle_between, grid_spacing, multiply, orientation_grid,
-                                            random_quaternions)
+from spinifel.coarse_to_fine import (
+    coarse_pixel_selection,
+    grid_neighbours,
+    match_coarse_to_fine,
+    search_grids,
+    search_lists,
+    top_k_matches,
+    twin_axis,
+    twin_rotation,
+)
+from spinifel.geometry.orientations import (
+    angle_between,
+    grid_spacing,
+    multiply,
+    orientation_grid,
+    random_quaternions,
+)
 from spinifel.matching import match_orientations
 from spinifel.slicing import Slicer
 

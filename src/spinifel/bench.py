@@ -82,8 +82,13 @@ def search_bench(images: np.ndarray, slicer: Slicer, ac: np.ndarray, positions: 
     matching of the whole grid), the distance evaluations of both, their ratio, and the
     fraction of images that get the same fine orientation.
     """
-    from spinifel.coarse_to_fine import (coarse_pixel_selection, default_coarse_size,
-                                         match_coarse_to_fine, search_lists, twin_axis)
+    from spinifel.coarse_to_fine import (
+        coarse_pixel_selection,
+        default_coarse_size,
+        match_coarse_to_fine,
+        search_lists,
+        twin_axis,
+    )
     from spinifel.geometry.orientations import grid_spacing
 
     kc = coarse_n_orientations or default_coarse_size(len(grid))

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import numpy as np
 
@@ -84,7 +84,7 @@ class TopK:
     dist: np.ndarray
 
     @classmethod
-    def empty(cls, n_images: int, k: int) -> "TopK":
+    def empty(cls, n_images: int, k: int) -> TopK:
         return cls(np.full((n_images, k), -1, dtype=np.int64), np.full((n_images, k), np.inf))
 
 
