@@ -25,6 +25,12 @@ def test_bench_small_case(tmp_path, capsys):
         assert r[stage]["fraction_of_limit"] > 0
     assert r["matching"]["unit"] == "GFLOP/s"
     assert r["fft_library"]["numpy_fft_pair"] > 0 and r["fft_library"]["scipy_fft_pair"] > 0
+    c2f = r["coarse_to_fine"]
+    assert "coarse-to-fine search" in text
+    assert c2f["exhaustive_evaluations"] == 40 * 200  # images x fine orientations
+    assert c2f["evaluations"] >= 40 * c2f["coarse_orientations"]  # the coarse pass alone
+    assert c2f["evaluation_ratio"] == c2f["exhaustive_evaluations"] / c2f["evaluations"]
+    assert 0 <= c2f["agreement"] <= 1 and c2f["seconds"] > 0
 
 
 def test_weak_scaling_example_runs(tmp_path):

@@ -8,6 +8,7 @@ stage       ours                                       limit measured in the sam
 ==========  =========================================  ==========================================
 slicing     ``Slicer`` over the orientation grid       one finufft type-2 plan, all points at once
 matching    ``match_orientations`` (slices given)      the bare float GEMMs of the same shapes
+c2f search  ``match_coarse_to_fine`` (slicing incl.)   exhaustive slicing + matching (same grid)
 merge NUFFT ``accumulate_normal_equations``            bare type-1 plans onto M^3 and (2M)^3
 CG          time per iteration of the sweep            one rfftn + irfftn pair on (2M)^3
 phasing     time per ER/HIO iteration                  one rfftn + irfftn pair on M^3
@@ -70,10 +71,59 @@ def synthetic_problem(M: int, n_pixels: int, n_images: int, seed: int, dtype) ->
     return {"ac": ac, "positions": pos, "extent": extent, "quaternions": q, "images": images}
 
 
+def search_bench(images: np.ndarray, slicer: Slicer, ac: np.ndarray, positions: np.ndarray,
+                 extent: float, grid: np.ndarray, batch: int, dtype, threads: int,
+                 exhaustive_seconds: float, exhaustive_batches, coarse_n_orientations: int = 0,
+                 coarse_resolution: float = 0.7, coarse_candidates: int = 2,
+                 coarse_radius: float = 1.25, coarse_twins: bool = True) -> dict:
+    """Coarse-to-fine search against exhaustive matching on the same images and fine grid.
+
+    Returns its seconds (slicing included), ``exhaustive_seconds`` (given: slicing +
+    matching of the whole grid), the distance evaluations of both, their ratio, and the
+    fraction of images that get the same fine orientation.
+    """
+    from spinifel.coarse_to_fine import (
+        coarse_pixel_selection,
+        default_coarse_size,
+        match_coarse_to_fine,
+        search_lists,
+        twin_axis,
+    )
+    from spinifel.geometry.orientations import grid_spacing
+
+    kc = coarse_n_orientations or default_coarse_size(len(grid))
+    coarse = orientation_grid(kc)
+    t = time.perf_counter()
+    indptr, indices = search_lists(coarse, grid, coarse_radius * grid_spacing(kc),
+                                   twin_axis(positions) if coarse_twins else None)
+    t_nbr = time.perf_counter() - t
+    exh = match_orientations(images, exhaustive_batches, True, 4096, "sqrt")
+    cpix = coarse_pixel_selection(positions, coarse_resolution)
+    cslicer = Slicer(ac, positions[:, cpix], extent, 1e-4, dtype, threads)
+    res: list = []
+    t_ours = _clock(lambda: res.__setitem__(slice(None), match_coarse_to_fine(
+        images, slicer, cslicer, cpix, grid, coarse, indptr, indices, coarse_candidates, batch,
+        True, 4096, "sqrt", coarse_twins)))
+    st, stats = res
+    return {"seconds": t_ours, "limit_seconds": None, "exhaustive_seconds": exhaustive_seconds,
+            "evaluations": stats.evaluations, "exhaustive_evaluations": stats.exhaustive_evaluations,
+            "evaluation_ratio": stats.reduction,
+            "agreement": float(np.mean(st.best_index == exh.best_index)),
+            "coarse_orientations": kc, "coarse_pixels": stats.coarse_pixels,
+            "fine_pixels": stats.fine_pixels, "fine_sliced": stats.fine_sliced,
+            "neighbour_lists_seconds": t_nbr, "stages": dict(stats.timings),
+            "settings": {"coarse_resolution": coarse_resolution,
+                         "coarse_candidates": coarse_candidates, "coarse_radius": coarse_radius,
+                         "coarse_twins": coarse_twins}}
+
+
 def run_bench(comm: Any, *, images_per_rank: int, n_pixels: int, M: int, n_orientations: int,
               precision: str = "single", threads: int = 1, orientation_batch: int = 500,
-              seed: int = 0) -> dict:
-    """Time every stage and its limit on this rank's synthetic data (collective over ``comm``)."""
+              seed: int = 0, search: dict | None = None) -> dict:
+    """Time every stage and its limit on this rank's synthetic data (collective over ``comm``).
+
+    ``search``: keyword arguments of :func:`search_bench` (coarse-to-fine settings).
+    """
     dtype = np.float32 if precision == "single" else np.float64
     rank = comm.Get_rank()
     prob = synthetic_problem(M, n_pixels, images_per_rank, seed + rank, dtype)
@@ -118,6 +168,12 @@ def run_bench(comm: Any, *, images_per_rank: int, n_pixels: int, M: int, n_orien
     out["matching_distributed"] = {
         "seconds": t_dist, "limit_seconds": None,
         "replicated_seconds": out["slicing"]["seconds"] + out["matching"]["seconds"]}
+
+    # coarse-to-fine search vs exhaustive matching on the fine grid (both slice their own
+    # model images here, so both times include slicing)
+    out["coarse_to_fine"] = search_bench(images, slicer, ac, pos, extent, grid, orientation_batch,
+                                         dtype, threads, out["slicing"]["seconds"]
+                                         + out["matching"]["seconds"], iter(batches), **(search or {}))
 
     # merge NUFFTs (type 1 onto M^3 and (2M)^3)
     timings: dict = {}

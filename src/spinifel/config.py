@@ -90,6 +90,12 @@ class AlgorithmConfig:
     scale_per_image: bool
     matching_mode: str
     match_transform: str
+    search: str
+    coarse_n_orientations: int
+    coarse_resolution: float
+    coarse_candidates: int
+    coarse_radius: float
+    coarse_twins: bool
     match_resolution_start: float
     match_resolution_ramp: int
     refine_rounds: int
@@ -127,6 +133,25 @@ class AlgorithmConfig:
                f"must be 'replicated' or 'distributed', got {self.matching_mode!r}")
         _check(self.match_transform in ("none", "sqrt"), a + "match_transform",
                f"must be 'none' or 'sqrt', got {self.match_transform!r}")
+        _check(self.search in ("exhaustive", "coarse_to_fine"), a + "search",
+               f"must be 'exhaustive' or 'coarse_to_fine', got {self.search!r}")
+        _check(self.coarse_n_orientations == 0
+               or 10 <= self.coarse_n_orientations <= self.n_orientations // 2,
+               a + "coarse_n_orientations", "must be 0 (auto) or in [10, n_orientations / 2 = "
+               f"{self.n_orientations // 2}], got {self.coarse_n_orientations}")
+        _check(0 < self.coarse_resolution <= 1, a + "coarse_resolution",
+               f"must be in (0, 1], got {self.coarse_resolution}")
+        _check(self.coarse_candidates >= 1, a + "coarse_candidates",
+               f"must be >= 1, got {self.coarse_candidates}")
+        n_coarse = self.coarse_n_orientations or max(10, self.n_orientations // 8)
+        _check(self.coarse_candidates <= n_coarse, a + "coarse_candidates",
+               f"must be <= the coarse grid size {n_coarse}, got {self.coarse_candidates}")
+        _check(0.5 <= self.coarse_radius <= 4, a + "coarse_radius",
+               f"must be in [0.5, 4] (coarse grid spacings), got {self.coarse_radius}")
+        _check(not (self.search == "coarse_to_fine" and self.matching_mode == "distributed"),
+               a + "search", "'coarse_to_fine' is not available with matching_mode = "
+               "'distributed' (the ring passes whole-grid batches); use 'exhaustive' or "
+               "matching_mode = 'replicated'")
         _check(0 < self.match_resolution_start <= 1, a + "match_resolution_start",
                f"must be in (0, 1], got {self.match_resolution_start}")
         _check(self.match_resolution_ramp >= 1, a + "match_resolution_ramp",

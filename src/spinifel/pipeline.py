@@ -161,6 +161,9 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
 
     be = _select_backends(cfg, ctx)
     xp = be.xp
+    if xp is not np and a.search == "coarse_to_fine":
+        raise ConfigError("config key 'algorithm.search': 'coarse_to_fine' runs on the CPU path "
+                          "only in this version; use 'exhaustive' with the GPU backend")
     t_io = time.perf_counter()
     info = collective(comm, inspect_dataset, path, cfg.data.format)
     n_images = info.n_images if cfg.data.n_images == 0 else min(cfg.data.n_images, info.n_images)
@@ -496,6 +499,13 @@ def _assign_orientations(*, cfg: Config, comm: Any, model_ac: np.ndarray, images
     if a.matching_mode == "distributed":
         match = match_distributed(comm, images, slicer, grid, orientation_batch,
                                   a.scale_per_image, image_batch, a.match_transform, timings)
+    elif a.search == "coarse_to_fine":
+        from spinifel.coarse_to_fine import match_with_config
+
+        match, c2f = match_with_config(images, model_ac, positions, extent, slicer, a, real,
+                                       threads, timings)
+        log.info("coarse-to-fine search: %d distance evaluations, %.1fx fewer than "
+                 "exhaustive", c2f.evaluations, c2f.reduction)
     else:
         match = match_orientations(images, _timed_batches(slicer, grid, orientation_batch, timings),
                                    a.scale_per_image, image_batch, a.match_transform)

@@ -22,6 +22,16 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--orientations", type=int, default=2000)
     parser.add_argument("--precision", choices=["single", "double"], default="single")
     parser.add_argument("--threads", type=int, default=1, help="threads per rank")
+    parser.add_argument("--coarse-orientations", type=int, default=0,
+                        help="coarse grid of the coarse-to-fine search (0 = orientations / 8)")
+    parser.add_argument("--coarse-resolution", type=float, default=0.7,
+                        help="fraction of the largest |s| used in the coarse pass")
+    parser.add_argument("--coarse-candidates", type=int, default=2,
+                        help="coarse orientations kept per image")
+    parser.add_argument("--coarse-radius", type=float, default=1.25,
+                        help="fine neighbours within this many coarse grid spacings")
+    parser.add_argument("--coarse-twins", action=argparse.BooleanOptionalAction, default=True,
+                        help="also search around the half-turn twin of every coarse candidate")
     parser.add_argument("--json", help="write the measurements (every rank's) to this file")
     parser.add_argument("--plot", help="write the per-stage breakdown (rank 0) to this PNG")
     parser.add_argument("--compare", action="store_true",
@@ -39,12 +49,22 @@ def main(args: argparse.Namespace) -> int:
     collective_ctx = ParallelContext.from_world()
     collective(collective_ctx.comm, load_config, None,
                [f"algorithm.M={args.M}", f"algorithm.n_orientations={args.orientations}",
-                f"runtime.threads_per_rank={args.threads}"])
+                f"runtime.threads_per_rank={args.threads}",
+                f"algorithm.coarse_n_orientations={args.coarse_orientations}",
+                f"algorithm.coarse_resolution={args.coarse_resolution}",
+                f"algorithm.coarse_candidates={args.coarse_candidates}",
+                f"algorithm.coarse_radius={args.coarse_radius}",
+                f"algorithm.coarse_twins={str(args.coarse_twins).lower()}"])
     threads = configure_threads(args.threads)
     comm = collective_ctx.comm
     res = run_bench(comm, images_per_rank=args.images_per_rank, n_pixels=args.pixels, M=args.M,
                     n_orientations=args.orientations, precision=args.precision,
-                    threads=args.threads)
+                    threads=args.threads,
+                    search={"coarse_n_orientations": args.coarse_orientations,
+                            "coarse_resolution": args.coarse_resolution,
+                            "coarse_candidates": args.coarse_candidates,
+                            "coarse_radius": args.coarse_radius,
+                            "coarse_twins": args.coarse_twins})
     if args.compare:
         from spinifel.bench import synthetic_problem, orientation_grid, Slicer
         from spinifel.bench_compare import compare_matching
@@ -70,6 +90,15 @@ def main(args: argparse.Namespace) -> int:
             from spinifel.bench_compare import format_compare
 
             print(format_compare(every[0]["compare_matching"]))
+        c2f = every[0]["coarse_to_fine"]
+        print(f"coarse-to-fine search ({c2f['coarse_orientations']} coarse orientations on "
+              f"{c2f['coarse_pixels']} of {c2f['fine_pixels']} pixels, "
+              f"{c2f['settings']['coarse_candidates']} candidates"
+              f"{' and their twins' if c2f['settings']['coarse_twins'] else ''}): {c2f['evaluations']:.4g} distance "
+              f"evaluations vs {c2f['exhaustive_evaluations']:.4g} exhaustive "
+              f"({c2f['evaluation_ratio']:.2f}x fewer), {c2f['seconds']:.3f} s vs "
+              f"{c2f['exhaustive_seconds']:.3f} s (slicing included), same orientation for "
+              f"{100 * c2f['agreement']:.1f}% of the images")
         if args.plot:
             plot_breakdown(every[0], args.plot, head.split(";")[0])
         if args.json:
