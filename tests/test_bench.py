@@ -80,7 +80,7 @@ def test_bench_compare_cli(tmp_path, capsys):
     assert main(["bench", "--images-per-rank", "30", "--pixels", "16", "--M", "15",
                  "--orientations", "200", "--compare", "--json", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "ours is x faster" in text
+    assert "ours is x faster" in text and "peak RSS per rank" in text
     cmp = json.loads(out.read_text())["ranks"][0]["compare_matching"]
     # synthetic exact model images at random orientations: near-ties are possible between
     # neighbouring grid slices, but the peers solve the same float32 problem

@@ -77,12 +77,19 @@ def main(args: argparse.Namespace) -> int:
         slices = Slicer(prob["ac"], prob["positions"], prob["extent"], 1e-4, dtype,
                         args.threads).slices(grid)
         res["compare_matching"] = compare_matching(prob["images"], slices, args.threads)
+    from spinifel.pipeline import _peak_rss_mib
+
+    res["peak_rss_mib"] = {"value": _peak_rss_mib()}
     every = comm.allgather(res)
     if collective_ctx.is_root:
         head = (f"spinifel-mpi bench: {comm.Get_size()} rank(s), {args.images_per_rank} images/rank of "
                 f"{args.pixels}x{args.pixels}, M={args.M}, {args.orientations} orientations, "
                 f"{args.precision}; BLAS: {', '.join(threads['blas'])}")
         print(format_table(every[0], head))
+        print("peak RSS per rank (MiB): "
+              + ", ".join(f"{r['peak_rss_mib']['value']:.0f}" for r in every)
+              + " (the benchmark keeps every slice and every NUFFT point for its limit "
+              "measurements; a run slices in batches)")
         fft = every[0]["fft_library"]
         print(f"FFT pair on the (2M)^3 grid: scipy.fft {fft['scipy_fft_pair']:.4f} s, "
               f"numpy.fft {fft['numpy_fft_pair']:.4f} s (the merge uses scipy.fft)")
