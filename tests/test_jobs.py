@@ -35,8 +35,8 @@ def test_shellcheck_clean(script):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-@pytest.mark.parametrize("script", JOBS, ids=[p.name for p in JOBS])
-def test_launch_line_dry_run(script, tmp_path, rng):
+def _job_env(tmp_path, rng) -> dict:
+    """Stand-in launchers on the PATH, a tiny dataset and the template's variables."""
     fake = tmp_path / "bin"
     fake.mkdir()
     for name, body in FAKE.items():
@@ -45,10 +45,16 @@ def test_launch_line_dry_run(script, tmp_path, rng):
         p.chmod(0o755)
     data = tmp_path / "d.h5"
     write_dataset(data, n_images=6, rng=rng)
-    # BACKEND=auto: the GPU templates' launch lines validate on this CPU machine too
     env = dict(os.environ, PATH=f"{fake}:{BIN}:{os.environ['PATH']}", DATASET=str(data),
-               OUT=str(tmp_path / "out"), CONFIG=str(ROOT / "examples" / "2cex.toml"),
-               BACKEND="auto")
+               OUT=str(tmp_path / "out"), CONFIG=str(ROOT / "examples" / "2cex.toml"))
+    env.pop("BACKEND", None)
+    return env
+
+
+@pytest.mark.parametrize("script", JOBS, ids=[p.name for p in JOBS])
+def test_launch_line_dry_run(script, tmp_path, rng):
+    # BACKEND=auto: the GPU templates' launch lines validate on this CPU machine too
+    env = dict(_job_env(tmp_path, rng), BACKEND="auto")
     r = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, cwd=ROOT,
                        timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -75,17 +81,7 @@ GPU_JOBS = [p for p in JOBS if "gpu" in p.name]
 def test_gpu_job_without_gpu_fails_clearly(script, tmp_path, rng):
     """The GPU templates default to runtime.backend=cupy: without a GPU the launch line stops
     with one line naming the key instead of silently running on the CPU."""
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    for name, body in FAKE.items():
-        p = fake / name
-        p.write_text("#!/bin/sh\n" + body + "\n")
-        p.chmod(0o755)
-    data = tmp_path / "d.h5"
-    write_dataset(data, n_images=6, rng=rng)
-    env = dict(os.environ, PATH=f"{fake}:{BIN}:{os.environ['PATH']}", DATASET=str(data),
-               OUT=str(tmp_path / "out"), CONFIG=str(ROOT / "examples" / "2cex.toml"))
-    env.pop("BACKEND", None)
+    env = _job_env(tmp_path, rng)
     r = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, cwd=ROOT,
                        timeout=120)
     assert r.returncode == 2, r.stderr[-2000:]
