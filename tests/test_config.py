@@ -106,7 +106,7 @@ def test_config_is_frozen():
         cfg.algorithm.M = 3
 
 
-@pytest.mark.parametrize("name", ["quickstart.toml", "2cex.toml", "poisson.toml"])
+@pytest.mark.parametrize("name", ["quickstart.toml", "2cex.toml", "poisson.toml", "beamline.toml"])
 def test_example_configs_validate(name):
     from pathlib import Path
 
