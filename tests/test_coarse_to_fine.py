@@ -212,3 +212,15 @@ def test_pipeline_runs_coarse_to_fine(tmp_path, caplog):
         q = f["orientations"][()]
     fine = orientation_grid(1000)
     assert np.allclose(np.abs(q @ fine.T).max(axis=1), 1.0, atol=1e-12)
+
+
+def test_dry_run_memory_estimate_counts_the_fine_slices():
+    """Coarse-to-fine holds the fine slices its candidates need (up to the whole grid)."""
+    from spinifel.config import load_config
+    from spinifel.pipeline import _memory_estimate
+
+    base = {"algorithm": {"n_orientations": 20000}}
+    ex = _memory_estimate(load_config(None, (), base), 1000, 4096)
+    c2f = _memory_estimate(load_config(None, (), {"algorithm": {
+        "n_orientations": 20000, "search": "coarse_to_fine"}}), 1000, 4096)
+    assert c2f - ex == 20000 * 4096 * 4
