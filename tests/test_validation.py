@@ -256,6 +256,9 @@ def test_eta_uses_recent_generations_and_measured_refinement():
     # refinement measured (50 s of a 60 s generation): base 10 s, + 50 s per refine generation
     eta, complete = estimate_remaining([(10.0, 0.0), (60.0, 50.0)], 8, 10, 8)
     assert eta == pytest.approx(10.0 + 50.0) and complete
+    # before refinement is measured, a prediction (from the slicing rate) fills in
+    eta, complete = estimate_remaining([(10.0, 0.0)] * 3, 2, 10, 8, refine_guess=30.0)
+    assert eta == pytest.approx(70.0 + 2 * 30.0) and complete
 
 
 def test_independent_half_sets_match_each_half_against_its_own_map(tiny, tmp_path):

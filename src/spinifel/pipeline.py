@@ -265,6 +265,7 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
         log.info("resuming from %s after generation %d", Path(out_dir) / checkpoint.NAME, first - 1)
     final_eval = None
     durations: list[tuple[float, float]] = []  # (wall seconds, refinement seconds) per generation
+    refine_guess = None  # predicted refinement seconds per generation, before it is measured
     t_gen = time.perf_counter()
     for g in range(first, a.generations):
         timings: dict[str, float] = {}
@@ -444,8 +445,14 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
         durations.append((now - t_gen, timings.get("refinement", 0.0)))
         t_gen = now
         refine_start = a.generations - a.refine_generations if a.refine_rounds > 0 else a.generations
+        if timings.get("slicing"):
+            # Refinement not measured yet: predict it from this generation's slicing rate
+            # (its cost is slices per image x images, at the same points per slice).
+            per_slice = timings["slicing"] / (len(grid) / (size if a.matching_mode == "distributed" else 1))
+            per_image = (8 if a.refine_stencil == "axes" else 27) * a.refine_rounds
+            refine_guess = per_slice * per_image * len(quats)
         _log_generation(g, a.generations, entry,
-                        estimate_remaining(durations, g, a.generations, refine_start))
+                        estimate_remaining(durations, g, a.generations, refine_start, refine_guess))
         if converged:
             log.info("converged: %.4f of images changed orientation, density changed %.4f",
                      changed, density_change)
@@ -655,18 +662,20 @@ def _summary(ev: dict) -> dict:
 
 
 def estimate_remaining(durations: list[tuple[float, float]], g: int, n: int,
-                       refine_start: int) -> tuple[float, bool]:
+                       refine_start: int, refine_guess: float | None = None
+                       ) -> tuple[float, bool]:
     """Seconds left after generation ``g`` of ``n``, from this run's recent generations.
 
     ``durations`` holds ``(wall, refinement)`` seconds of the generations run so far. The
     base cost of a generation is the mean of the last two without refinement; each
     remaining generation at or after ``refine_start`` adds the last measured refinement
-    time. Returns ``(seconds, complete)``; ``complete`` is False when refinement
-    generations remain but none has been measured yet (the estimate leaves them out).
+    time, or ``refine_guess`` before one is measured. Returns ``(seconds, complete)``;
+    ``complete`` is False when refinement generations remain with neither (the estimate
+    leaves them out).
     """
     recent = durations[-2:]
     base = sum(w - r for w, r in recent) / len(recent)
-    refine = next((r for _, r in reversed(durations) if r > 0), None)
+    refine = next((r for _, r in reversed(durations) if r > 0), refine_guess)
     left = range(g + 1, n)
     n_refine = sum(1 for k in left if k >= refine_start)
     eta = base * len(left) + (refine or 0.0) * n_refine
