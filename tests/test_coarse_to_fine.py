@@ -168,6 +168,18 @@ def test_coarse_to_fine_agrees_with_exhaustive(rng):
     assert np.array_equal(st2.best_index, st.best_index)
     assert stats2.evaluations == stats.evaluations
 
+    # nor on the cap of fine slices held at once: chunks give the same answer and never
+    # hold more than the cap (each chunk's slices are counted in fine_sliced)
+    cap = stats.fine_sliced // 5
+    st3, stats3 = match_coarse_to_fine(images, slicer, cslicer, cpix, fine, coarse, indptr,
+                                       indices, k, 500, True, transform="sqrt", twins=True,
+                                       max_fine_slices=cap)
+    assert np.array_equal(st3.best_index, st.best_index)
+    assert np.array_equal(st3.best_dist, st.best_dist)
+    assert stats3.evaluations == stats.evaluations
+    assert stats3.fine_sliced > stats.fine_sliced  # some slices computed twice
+    print("fine slices computed:", stats.fine_sliced, "->", stats3.fine_sliced, "with cap", cap)
+
 
 def test_config_refuses_distributed_coarse_to_fine():
     from spinifel.config import load_config
@@ -221,6 +233,22 @@ def test_dry_run_memory_estimate_counts_the_fine_slices():
 
     base = {"algorithm": {"n_orientations": 20000}}
     ex = _memory_estimate(load_config(None, (), base), 1000, 4096)
-    c2f = _memory_estimate(load_config(None, (), {"algorithm": {
-        "n_orientations": 20000, "search": "coarse_to_fine"}}), 1000, 4096)
-    assert c2f - ex == 20000 * 4096 * 4
+    for cap, held in ((0, 20000), (10000, 10000)):
+        c2f = _memory_estimate(load_config(None, (), {"algorithm": {
+            "n_orientations": 20000, "search": "coarse_to_fine",
+            "coarse_max_fine_slices": cap}}), 1000, 4096)
+        assert c2f - ex == held * 4096 * 4
+
+
+def test_chunks_respect_the_cap_and_cover_every_row():
+    from spinifel.coarse_to_fine import _chunks
+
+    fine, coarse, indptr, indices = search_grids(3000, 375, 1.25, None)
+    rows = np.arange(len(coarse))
+    cap = 400
+    chunks = _chunks(rows, indptr, indices, fine, cap)
+    assert np.array_equal(np.sort(np.concatenate(chunks)), rows)
+    for ch in chunks:
+        held = np.unique(np.concatenate([indices[indptr[c]:indptr[c + 1]] for c in ch]))
+        assert len(held) <= cap or len(ch) == 1
+    assert len(_chunks(rows, indptr, indices, fine, 0)) == 1

@@ -294,8 +294,8 @@ def match_coarse_to_fine(images: np.ndarray, slicer, coarse_slicer, coarse_pixel
                          fine_grid: np.ndarray, coarse_grid: np.ndarray, indptr: np.ndarray,
                          indices: np.ndarray, n_candidates: int, batch: int,
                          scale_per_image: bool = False, image_batch: int = 4096,
-                         transform: str = "none", twins: bool = False
-                         ) -> tuple[MatchState, SearchStats]:
+                         transform: str = "none", twins: bool = False,
+                         max_fine_slices: int = 0) -> tuple[MatchState, SearchStats]:
     """Nearest fine-grid model slice of every image by the two-pass search (module doc).
 
     Parameters
@@ -320,6 +320,11 @@ def match_coarse_to_fine(images: np.ndarray, slicer, coarse_slicer, coarse_pixel
     twins : bool
         Also search around the half-turn twin of every candidate (rows ``K_c + c`` of the
         lists).
+    max_fine_slices : int
+        Most fine slices held at once (0 = no limit). When the candidates need more, their
+        search lists are processed in chunks of nearby orientations, each chunk's slices
+        computed and dropped in turn (a slice shared by two chunks is computed twice); the
+        result is the same, the memory bounded whatever the grid size.
 
     Returns
     -------
@@ -361,46 +366,50 @@ def match_coarse_to_fine(images: np.ndarray, slicer, coarse_slicer, coarse_pixel
     cand, img = cand[order], img[order]
     used, starts = np.unique(cand, return_index=True)
     ends = np.append(starts[1:], len(cand))
-    need = np.unique(np.concatenate([indices[indptr[c]:indptr[c + 1]] for c in used]))
-    stats.fine_sliced = len(need)
     tm["fine_matching"] = time.perf_counter() - t
-
-    # the fine slices needed, each computed once (in batches)
-    t = time.perf_counter()
-    y = np.empty((len(need), P), dtype=images.dtype)
-    for s in range(0, len(need), batch):
-        y[s:s + batch] = apply_transform(slicer.slices(fine_grid[need[s:s + batch]]), transform)
-    y_sq = np.einsum("bp,bp->b", y, y, dtype=np.float64)
-    tm["fine_slicing"] = time.perf_counter() - t
-
-    # fine pass: one GEMM per coarse candidate, its images against its neighbours
-    t = time.perf_counter()
     x = apply_transform(images, transform)
     x_sq = np.einsum("np,np->n", x, x, dtype=np.float64)
     state = MatchState.empty(n)
     fine_evals = 0
-    for c, a0, a1 in zip(used, starts, ends):
-        nb = indices[indptr[c]:indptr[c + 1]]
-        if len(nb) == 0:
-            continue
-        rows_y = np.searchsorted(need, nb)
-        yc, yc_sq = y[rows_y], y_sq[rows_y]
-        group = img[a0:a1]
-        fine_evals += len(group) * len(nb)
-        for g0 in range(0, len(group), image_batch):
-            rows = group[g0:g0 + image_batch]
-            dist, scale = _pair_distances(x[rows] @ yc.T, x_sq[rows], yc_sq, scale_per_image)
-            j = np.argmin(dist, axis=1)  # nb ascending: ties -> lower fine index
-            r = np.arange(len(rows))
-            d, gidx = dist[r, j], nb[j]
-            sc = scale[r, j] if scale is not None else np.ones(len(rows))
-            cur_d, cur_i = state.best_dist[rows], state.best_index[rows]
-            better = (d < cur_d) | ((d == cur_d) & (gidx < cur_i))
-            state.best_index[rows[better]] = gidx[better]
-            state.best_dist[rows[better]] = d[better]
-            state.best_scale[rows[better]] = sc[better]
+    stats.fine_sliced = 0
+    group_of = dict(zip(used.tolist(), zip(starts.tolist(), ends.tolist())))
+    for chunk in _chunks(used, indptr, indices, fine_grid, max_fine_slices):
+        need = np.unique(np.concatenate([indices[indptr[c]:indptr[c + 1]] for c in chunk]))
+        stats.fine_sliced += len(need)
+        # the fine slices this chunk needs, each computed once (in batches)
+        t = time.perf_counter()
+        y = np.empty((len(need), P), dtype=images.dtype)
+        for s in range(0, len(need), batch):
+            y[s:s + batch] = apply_transform(slicer.slices(fine_grid[need[s:s + batch]]),
+                                             transform)
+        y_sq = np.einsum("bp,bp->b", y, y, dtype=np.float64)
+        tm["fine_slicing"] = tm.get("fine_slicing", 0.0) + time.perf_counter() - t
+        # fine pass: one GEMM per coarse candidate, its images against its neighbours
+        t = time.perf_counter()
+        for c in chunk:
+            a0, a1 = group_of[c]
+            nb = indices[indptr[c]:indptr[c + 1]]
+            if len(nb) == 0:
+                continue
+            rows_y = np.searchsorted(need, nb)
+            yc, yc_sq = y[rows_y], y_sq[rows_y]
+            group = img[a0:a1]
+            fine_evals += len(group) * len(nb)
+            for g0 in range(0, len(group), image_batch):
+                rows = group[g0:g0 + image_batch]
+                dist, scale = _pair_distances(x[rows] @ yc.T, x_sq[rows], yc_sq, scale_per_image)
+                j = np.argmin(dist, axis=1)  # nb ascending: ties -> lower fine index
+                r = np.arange(len(rows))
+                d, gidx = dist[r, j], nb[j]
+                sc = scale[r, j] if scale is not None else np.ones(len(rows))
+                cur_d, cur_i = state.best_dist[rows], state.best_index[rows]
+                better = (d < cur_d) | ((d == cur_d) & (gidx < cur_i))
+                state.best_index[rows[better]] = gidx[better]
+                state.best_dist[rows[better]] = d[better]
+                state.best_scale[rows[better]] = sc[better]
+        tm["fine_matching"] += time.perf_counter() - t
+        del y
     stats.fine_evaluations = int(fine_evals)
-    tm["fine_matching"] += time.perf_counter() - t
     # Only possible when every candidate of an image has an empty neighbour list (a radius
     # below the fine grid's covering radius); the configured radius (>= 0.5 coarse
     # spacings, coarse grid <= half the fine one) rules it out.
@@ -409,6 +418,42 @@ def match_coarse_to_fine(images: np.ndarray, slicer, coarse_slicer, coarse_pixel
         raise ValueError(f"{int(lost.sum())} images found no fine orientation: the neighbour "
                          "radius is too small for the coarse grid")
     return state, stats
+
+
+def _chunks(rows: np.ndarray, indptr: np.ndarray, indices: np.ndarray, fine_grid: np.ndarray,
+            max_slices: int) -> list[np.ndarray]:
+    """Split search rows into chunks whose fine neighbours number at most ``max_slices``.
+
+    Rows are taken in an order of their position on SO(3) (the first neighbour's
+    quaternion, upper hemisphere, on cells of 0.25), so that a chunk's rows share many
+    neighbours. One row whose list alone exceeds the limit is a chunk of its own. With
+    ``max_slices <= 0`` or when everything fits, one chunk holds all rows.
+    """
+    total = np.unique(np.concatenate([indices[indptr[c]:indptr[c + 1]] for c in rows])) \
+        if len(rows) else np.zeros(0, dtype=np.int64)
+    if max_slices <= 0 or len(total) <= max_slices:
+        return [rows]
+    first = np.array([indices[indptr[c]] if indptr[c + 1] > indptr[c] else 0 for c in rows])
+    q = fine_grid[first].copy()
+    q[q[:, 0] < 0] *= -1
+    cell = np.floor(q[:, 1:] / 0.25).astype(np.int64)
+    order = np.lexsort((rows, cell[:, 2], cell[:, 1], cell[:, 0]))
+    held = np.zeros(len(fine_grid), dtype=bool)
+    chunks, current, count = [], [], 0
+    for c in rows[order]:
+        nb = indices[indptr[c]:indptr[c + 1]]
+        new = nb[~held[nb]]
+        if current and count + len(new) > max_slices:
+            chunks.append(np.array(current))
+            held[:] = False
+            current, count = [], 0
+            new = nb
+        current.append(c)
+        held[new] = True
+        count += len(new)
+    if current:
+        chunks.append(np.array(current))
+    return chunks
 
 
 def coarse_pixel_selection(positions: np.ndarray, fraction: float,
@@ -449,7 +494,8 @@ def match_with_config(images: np.ndarray, autocorrelation: np.ndarray, positions
                      dtype, threads)
     state, stats = match_coarse_to_fine(images, slicer, cslicer, cpix, fine, coarse, indptr, indices,
                                         a.coarse_candidates, a.orientation_batch, a.scale_per_image,
-                                        a.image_batch, a.match_transform, a.coarse_twins)
+                                        a.image_batch, a.match_transform, a.coarse_twins,
+                                        a.coarse_max_fine_slices)
     if timings is not None:
         timings["slicing"] = (timings.get("slicing", 0.0) + stats.timings["coarse_slicing"]
                               + stats.timings["fine_slicing"])

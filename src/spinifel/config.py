@@ -96,6 +96,7 @@ class AlgorithmConfig:
     coarse_candidates: int
     coarse_radius: float
     coarse_twins: bool
+    coarse_max_fine_slices: int
     match_resolution_start: float
     match_resolution_ramp: int
     refine_rounds: int
@@ -148,6 +149,8 @@ class AlgorithmConfig:
                f"must be <= the coarse grid size {n_coarse}, got {self.coarse_candidates}")
         _check(0.5 <= self.coarse_radius <= 4, a + "coarse_radius",
                f"must be in [0.5, 4] (coarse grid spacings), got {self.coarse_radius}")
+        _check(self.coarse_max_fine_slices >= 0, a + "coarse_max_fine_slices",
+               f"must be >= 0 (0 = no limit), got {self.coarse_max_fine_slices}")
         _check(not (self.search == "coarse_to_fine" and self.matching_mode == "distributed"),
                a + "search", "'coarse_to_fine' is not available with matching_mode = "
                "'distributed' (the ring passes whole-grid batches); use 'exhaustive' or "

@@ -711,7 +711,9 @@ def _memory_estimate(cfg: Config, n_local: int, n_pixels: int) -> int:
     merge_pts = min(a.image_batch, max(n_local, 1)) * n_pixels * 8 * 4
     grids = (2 * a.M) ** 3 * 8 * 4 + a.M ** 3 * 8 * 8
     if a.search == "coarse_to_fine":
-        # the fine pass holds every fine slice some candidate needs: with many images, up
-        # to the whole fine grid (this grows with n_orientations, unlike exhaustive search)
-        slices += a.n_orientations * n_pixels * item
+        # the fine pass holds the fine slices its candidates need: with many images up to
+        # the whole fine grid, capped by coarse_max_fine_slices
+        held = a.n_orientations if a.coarse_max_fine_slices == 0 else min(
+            a.n_orientations, a.coarse_max_fine_slices)
+        slices += held * n_pixels * item
     return int(images + slices + gemm + merge_pts + grids)
