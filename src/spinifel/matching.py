@@ -159,6 +159,9 @@ def _update_matches_fused(state: MatchState, images, slices, offset: int,
 
 TRANSFORMS = ("none", "sqrt")
 
+# Model slices per image and round of refine_orientations, by stencil.
+REFINE_SLICES_PER_ROUND = {"axes": 8, "cube": 27}
+
 
 def apply_transform(x: np.ndarray, transform: str) -> np.ndarray:
     """The matching transform of images or model slices (``"none"`` or ``"sqrt"``)."""
@@ -204,10 +207,7 @@ def _local_offsets(step: float) -> np.ndarray:
     Returned as quaternions ``(27, 4)``; index 13 is the identity.
     """
     g = np.array([-1.0, 0.0, 1.0]) * step
-    v = np.stack(np.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
-    angle = np.linalg.norm(v, axis=1)
-    axis = np.divide(v, angle[:, None], out=np.zeros_like(v), where=angle[:, None] > 0)
-    return np.concatenate([np.cos(angle / 2)[:, None], np.sin(angle / 2)[:, None] * axis], axis=1)
+    return _rotvec_to_quaternion(np.stack(np.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3))
 
 
 def _axis_offsets(step: float) -> np.ndarray:
@@ -220,6 +220,7 @@ def _axis_offsets(step: float) -> np.ndarray:
 
 
 def _rotvec_to_quaternion(v: np.ndarray) -> np.ndarray:
+    """Quaternions ``exp(v)`` of rotation vectors ``v`` (..., 3), radians; ``v = 0`` -> identity."""
     angle = np.linalg.norm(v, axis=-1)
     axis = np.divide(v, angle[..., None], out=np.zeros_like(v), where=angle[..., None] > 0)
     return np.concatenate([np.cos(angle / 2)[..., None], np.sin(angle / 2)[..., None] * axis],
@@ -304,7 +305,7 @@ def refine_orientations(images: np.ndarray, quaternions: np.ndarray, slicer, ste
     """
     from spinifel.geometry.orientations import canonical, multiply
 
-    if stencil not in ("axes", "cube"):
+    if stencil not in REFINE_SLICES_PER_ROUND:
         raise ValueError(f"stencil must be 'axes' or 'cube', got {stencil!r}")
     images = apply_transform(images, transform)
     q = np.array(to_module(quaternions, np), dtype=np.float64, copy=True)

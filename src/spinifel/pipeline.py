@@ -32,7 +32,12 @@ from spinifel.config import Config
 from spinifel.errors import DatasetError, SpinifelError
 from spinifel.geometry.orientations import grid_spacing, orientation_grid, random_quaternions
 from spinifel.io.dataset import inspect_dataset, read_geometry, read_shard, shard_bounds
-from spinifel.matching import match_distributed, match_orientations, refine_orientations
+from spinifel.matching import (
+    REFINE_SLICES_PER_ROUND,
+    match_distributed,
+    match_orientations,
+    refine_orientations,
+)
 from spinifel.merging.merge import (
     accumulate_normal_equations,
     add_normal_equations,
@@ -449,7 +454,7 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
             # Refinement not measured yet: predict it from this generation's slicing rate
             # (its cost is slices per image x images, at the same points per slice).
             per_slice = timings["slicing"] / (len(grid) / (size if a.matching_mode == "distributed" else 1))
-            per_image = (8 if a.refine_stencil == "axes" else 27) * a.refine_rounds
+            per_image = REFINE_SLICES_PER_ROUND[a.refine_stencil] * a.refine_rounds
             refine_guess = per_slice * per_image * len(quats)
         _log_generation(g, a.generations, entry,
                         estimate_remaining(durations, g, a.generations, refine_start, refine_guess))
