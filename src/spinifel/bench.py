@@ -119,10 +119,12 @@ def search_bench(images: np.ndarray, slicer: Slicer, ac: np.ndarray, positions: 
 
 def run_bench(comm: Any, *, images_per_rank: int, n_pixels: int, M: int, n_orientations: int,
               precision: str = "single", threads: int = 1, orientation_batch: int = 500,
-              seed: int = 0, search: dict | None = None) -> dict:
+              seed: int = 0, search: dict | None = None, compare: bool = False) -> dict:
     """Time every stage and its limit on this rank's synthetic data (collective over ``comm``).
 
     ``search``: keyword arguments of :func:`search_bench` (coarse-to-fine settings).
+    ``compare``: also time matching against faiss and scikit-learn on the same images and
+    slices (:func:`spinifel.bench_compare.compare_matching`), under ``compare_matching``.
     """
     dtype = np.float32 if precision == "single" else np.float64
     rank = comm.Get_rank()
@@ -158,6 +160,11 @@ def run_bench(comm: Any, *, images_per_rank: int, n_pixels: int, M: int, n_orien
     flops = 2.0 * len(images) * len(grid) * P
     out["matching"] = {"seconds": t_ours, "limit_seconds": t_lim, "rate": flops / t_ours / 1e9,
                        "unit": "GFLOP/s", "limit_rate": flops / t_lim / 1e9}
+    if compare:
+        from spinifel.bench_compare import compare_matching
+
+        out["compare_matching"] = compare_matching(
+            images, np.concatenate([b for _, b in batches]), threads, orientation_batch)
 
     # ring-distributed matching (slicing 1/R of the grid + the ring) vs replicated
     from spinifel.matching import match_distributed

@@ -64,19 +64,8 @@ def main(args: argparse.Namespace) -> int:
                             "coarse_resolution": args.coarse_resolution,
                             "coarse_candidates": args.coarse_candidates,
                             "coarse_radius": args.coarse_radius,
-                            "coarse_twins": args.coarse_twins})
-    if args.compare:
-        from spinifel.bench import synthetic_problem, orientation_grid, Slicer
-        from spinifel.bench_compare import compare_matching
-
-        import numpy as np
-
-        dtype = np.float32 if args.precision == "single" else np.float64
-        prob = synthetic_problem(args.M, args.pixels, args.images_per_rank, comm.Get_rank(), dtype)
-        grid = orientation_grid(args.orientations)
-        slices = Slicer(prob["ac"], prob["positions"], prob["extent"], 1e-4, dtype,
-                        args.threads).slices(grid)
-        res["compare_matching"] = compare_matching(prob["images"], slices, args.threads)
+                            "coarse_twins": args.coarse_twins},
+                    compare=args.compare)
     from spinifel.pipeline import _peak_rss_mib
 
     res["peak_rss_mib"] = {"value": _peak_rss_mib()}
