@@ -134,3 +134,31 @@ def write_dataset(
         "mask": mask,
         "orientations": quats,
     }
+
+
+# A tiny reconstruction problem for whole-pipeline tests: 16x16 pixels, M = 25, few
+# orientations and phasing iterations (seconds per run).
+TINY_ALGORITHM = {"M": 25, "n_orientations": 300, "n_phase_loops": 2, "n_er": 10, "n_hio": 10,
+                  "n_final_er": 10, "refine_generations": 1, "lambdas": [1e-2, 1e-1, 1.0],
+                  "cg_max_iter": 30}
+
+
+def simulate_tiny(path: Path, n_images: int) -> Path:
+    """Simulate the tiny problem's dataset (300 atoms of the built-in molecule) at ``path``."""
+    from spinifel.simulate.dataset import simulate_dataset
+    from spinifel.simulate.structure import builtin_molecule
+
+    simulate_dataset(path, builtin_molecule(seed=0, n_atoms=300), n_images=n_images, n_pixels=16,
+                     pixel_size_m=6e-3, M=25, seed=0, beamstop_radius_px=1.0)
+    return path
+
+
+def tiny_config(path: Path, out: Path, algorithm: dict, validation: dict | None = None):
+    """The resolved config of a tiny run on ``path`` writing to ``out``."""
+    from spinifel.config import load_config
+
+    extra = {"algorithm": dict(algorithm), "data": {"path": str(path)},
+             "output": {"dir": str(out)}}
+    if validation:
+        extra["validation"] = validation
+    return load_config(None, (), extra)

@@ -10,32 +10,21 @@ import h5py
 import numpy as np
 import pytest
 
-from spinifel.config import load_config
+from helpers import TINY_ALGORITHM, simulate_tiny, tiny_config
 from spinifel.parallel.context import ParallelContext
 from spinifel.pipeline import intensity_from_autocorrelation, measured_fourier_mask, run_pipeline
-from spinifel.simulate.dataset import simulate_dataset
-from spinifel.simulate.structure import builtin_molecule
 
 BIN = Path(sys.executable).parent
-TINY = {"algorithm": {"M": 25, "generations": 3, "n_orientations": 300, "n_phase_loops": 2,
-                      "n_er": 10, "n_hio": 10, "n_final_er": 10, "refine_generations": 1,
-                      "lambdas": [1e-2, 1e-1, 1.0], "cg_max_iter": 30}}
+TINY = {"algorithm": dict(TINY_ALGORITHM, generations=3)}
 
 
 @pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "tiny.h5"
-    simulate_dataset(path, builtin_molecule(seed=0, n_atoms=300), n_images=200, n_pixels=16,
-                     pixel_size_m=6e-3, M=25, seed=0, beamstop_radius_px=1.0)
-    return path
+    return simulate_tiny(tmp_path_factory.mktemp("data") / "tiny.h5", 200)
 
 
 def _config(path, out, **algo):
-    extra = {k: dict(v) for k, v in TINY.items()}
-    extra["algorithm"].update(algo)
-    extra["data"] = {"path": str(path)}
-    extra["output"] = {"dir": str(out)}
-    return load_config(None, (), extra)
+    return tiny_config(path, out, dict(TINY["algorithm"], **algo))
 
 
 def test_serial_run_writes_consistent_results(tiny_dataset, tmp_path):

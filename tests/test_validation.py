@@ -6,12 +6,11 @@ import h5py
 import numpy as np
 import pytest
 
+from helpers import TINY_ALGORITHM, simulate_tiny, tiny_config
 from spinifel.config import load_config
 from spinifel.evaluate.align import mirror
 from spinifel.parallel.context import ParallelContext
 from spinifel.pipeline import run_pipeline
-from spinifel.simulate.dataset import simulate_dataset
-from spinifel.simulate.structure import builtin_molecule
 from spinifel.validation.halves import half_assignment, half_map_fsc
 from spinifel.validation.prtf import PRTF_THRESHOLD, align_runs, prtf_curve, prtf_summary
 
@@ -138,27 +137,16 @@ def test_prtf_summary_aligns_shifted_and_mirrored_runs(rng):
 
 # ------------------------------------------------------------------ pipeline ----------
 
-TINY = {"algorithm": {"M": 25, "generations": 2, "n_orientations": 300, "n_phase_loops": 2,
-                      "n_er": 10, "n_hio": 10, "n_final_er": 10, "refine_generations": 1,
-                      "lambdas": [1e-2, 1e-1, 1.0], "cg_max_iter": 30}}
+TINY = {"algorithm": dict(TINY_ALGORITHM, generations=2)}
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "tiny.h5"
-    simulate_dataset(path, builtin_molecule(seed=0, n_atoms=300), n_images=120, n_pixels=16,
-                     pixel_size_m=6e-3, M=25, seed=0, beamstop_radius_px=1.0)
-    return path
+    return simulate_tiny(tmp_path_factory.mktemp("data") / "tiny.h5", 120)
 
 
 def _cfg(path, out, validation=None, **algo):
-    extra = {k: dict(v) for k, v in TINY.items()}
-    extra["algorithm"].update(algo)
-    extra["data"] = {"path": str(path)}
-    extra["output"] = {"dir": str(out)}
-    if validation:
-        extra["validation"] = validation
-    return load_config(None, (), extra)
+    return tiny_config(path, out, dict(TINY["algorithm"], **algo), validation)
 
 
 def test_half_sets_do_not_change_the_full_merge(tiny, tmp_path):
