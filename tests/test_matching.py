@@ -5,6 +5,7 @@ import pytest
 
 from spinifel.geometry.orientations import orientation_grid
 from spinifel.matching import match_orientations
+from spinifel.phasing.algorithms import autocorrelation_from_density
 from spinifel.slicing import Slicer
 
 
@@ -43,7 +44,7 @@ def test_true_orientation_found_for_model_slices(rng):
     idx = np.indices((M, M, M)) - (M - 1) / 2
     for c in ([2, 0, 1], [-3, 2, 0], [0, -2, -3]):
         x += np.exp(-((idx - np.array(c)[:, None, None, None]) ** 2).sum(0) / 2.0)
-    ac = np.real(np.fft.fftshift(np.fft.ifftn(np.abs(np.fft.fftn(np.fft.ifftshift(x))) ** 2)))
+    ac = autocorrelation_from_density(x)
     n1 = 12
     g = np.linspace(-1, 1, n1)
     gx, gy = np.meshgrid(g, g, indexing="ij")
@@ -72,7 +73,7 @@ def test_refinement_finds_off_grid_orientation(rng, stencil):
     # many small blobs: an autocorrelation without near-symmetries
     for c in np.random.default_rng(11).uniform(-3.5, 3.5, (10, 3)):
         x += np.exp(-((idx - c[:, None, None, None]) ** 2).sum(0) / 0.8)
-    ac = np.real(np.fft.fftshift(np.fft.ifftn(np.abs(np.fft.fftn(np.fft.ifftshift(x))) ** 2)))
+    ac = autocorrelation_from_density(x)
     g = np.linspace(-1, 1, 12)
     gx, gy = np.meshgrid(g, g, indexing="ij")
     s = np.stack([gx.ravel(), gy.ravel(), 0.6 * (gx.ravel() ** 2 + gy.ravel() ** 2)]) * 1e9
@@ -161,7 +162,7 @@ def test_distributed_equals_replicated_serial(rng):
     x = np.zeros((M, M, M))
     for c in np.random.default_rng(4).uniform(-3, 3, (8, 3)):
         x += np.exp(-((idx - c[:, None, None, None]) ** 2).sum(0) / 0.8)
-    ac = np.real(np.fft.fftshift(np.fft.ifftn(np.abs(np.fft.fftn(np.fft.ifftshift(x))) ** 2)))
+    ac = autocorrelation_from_density(x)
     g = np.linspace(-1, 1, 10)
     gx, gy = np.meshgrid(g, g, indexing="ij")
     s = np.stack([gx.ravel(), gy.ravel(), 0.3 * (gx.ravel() ** 2 + gy.ravel() ** 2)]) * 1e9
@@ -184,7 +185,7 @@ def test_distributed_equals_replicated_two_ranks():
     rng = np.random.default_rng(9)
     M = 15
     x = rng.uniform(0, 1, (M, M, M))
-    ac = np.real(np.fft.fftshift(np.fft.ifftn(np.abs(np.fft.fftn(np.fft.ifftshift(x))) ** 2)))
+    ac = autocorrelation_from_density(x)
     s = rng.uniform(-1, 1, (3, 60)) * 1e9
     slicer = Slicer(ac, s, np.linalg.norm(s, axis=0).max(), eps=1e-6)
     grid = orientation_grid(333)

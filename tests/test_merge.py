@@ -7,6 +7,7 @@ from spinifel.geometry.orientations import random_quaternions
 from spinifel.merging.merge import accumulate_normal_equations, ball_support, merge
 from spinifel.parallel.context import SerialComm
 from spinifel.parallel.partition import block_range
+from spinifel.phasing.algorithms import autocorrelation_from_density
 from spinifel.slicing import Slicer
 
 
@@ -17,7 +18,7 @@ def _problem(seed=0, M=17, n_images=60, n1=14):
     # blobs near the centre so the autocorrelation fits in the support ball
     for c in rng.uniform(-1.2, 1.2, (4, 3)):
         rho += np.exp(-((idx - c[:, None, None, None]) ** 2).sum(0) / 0.8)
-    ac = np.real(np.fft.fftshift(np.fft.ifftn(np.abs(np.fft.fftn(np.fft.ifftshift(rho))) ** 2)))
+    ac = autocorrelation_from_density(rho)
     g = np.linspace(-1, 1, n1)
     gx, gy = np.meshgrid(g, g, indexing="ij")
     s = np.stack([gx.ravel(), gy.ravel(), 0.15 * (gx.ravel() ** 2 + gy.ravel() ** 2)]) * 1e9

@@ -31,6 +31,7 @@ from spinifel.backend.nufft import Type1, Type2
 from spinifel.geometry.orientations import orientation_grid, random_quaternions
 from spinifel.matching import match_orientations
 from spinifel.merging.merge import accumulate_normal_equations, ball_support, merge
+from spinifel.phasing.algorithms import autocorrelation_from_density
 from spinifel.slicing import Slicer, rotated_points
 
 
@@ -62,7 +63,7 @@ def synthetic_problem(M: int, n_pixels: int, n_images: int, seed: int, dtype) ->
     rho = np.zeros((M, M, M))
     for c in rng.uniform(-M / 8, M / 8, (12, 3)):
         rho += np.exp(-((idx - c[:, None, None, None]) ** 2).sum(0) / 2.0)
-    ac = np.real(np.fft.fftshift(np.fft.ifftn(np.abs(np.fft.fftn(np.fft.ifftshift(rho))) ** 2)))
+    ac = autocorrelation_from_density(rho)
     pos = flat_detector_positions(n_pixels, 1.5e-3 * 64 / n_pixels, 0.2,
                                   photon_energy_to_wavelength(6000.0)).reshape(-1, 3).T
     extent = float(np.linalg.norm(pos, axis=0).max())
