@@ -205,6 +205,9 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
     images = np.ascontiguousarray(shard.images[:, good], dtype=real)
     # GPU path: images and pixel positions go to the device once; batch sizes fit its memory
     images, d_positions = to_module(images, xp), to_module(positions, xp)
+    # each half's local rows: a host mask (orientations) and one for the images' module
+    half_rows = None if halves is None else [
+        (halves == h, to_module(halves == h, xp)) for h in (0, 1)]
     orientation_batch, image_batch = _batches(cfg, be, int(good.sum()))
     extent = geom.reciprocal_extent
     M = a.M
@@ -292,11 +295,9 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
                 # Gold standard: each half is matched against its own half map only.
                 best = np.empty(len(quats), dtype=np.int64)
                 quats = np.empty((len(quats), 4))
-                for h in (0, 1):
-                    mine = halves == h
+                for h, (mine, d_mine) in enumerate(half_rows):
                     best[mine], quats[mine] = _assign_orientations(
-                        model_ac=half_states[h].phased_ac,
-                        images=m_images[to_module(mine, xp)], **assign)
+                        model_ac=half_states[h].phased_ac, images=m_images[d_mine], **assign)
             else:
                 best, quats = _assign_orientations(model_ac=state.phased_ac, images=m_images,
                                                    **assign)
@@ -313,9 +314,9 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
         else:
             # The full set's equations are the sum of the halves' (same NUFFT work).
             half_eqs = [accumulate_normal_equations(
-                comm, images[to_module(halves == h, xp)], quats[halves == h], d_positions,
-                extent, M, None, a.nufft_eps_merge, threads, image_batch, timings,
-                cfg.runtime.cuda_aware_mpi) for h in (0, 1)]
+                comm, images[d_mine], quats[mine], d_positions, extent, M, None,
+                a.nufft_eps_merge, threads, image_batch, timings, cfg.runtime.cuda_aware_mpi)
+                for mine, d_mine in half_rows]
             eq = add_normal_equations(*half_eqs)
         x0 = zeros if state.phased_ac is None else state.phased_ac
         x_init = x0 if state.merged_ac is None else state.merged_ac
@@ -453,7 +454,9 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
         if timings.get("slicing"):
             # Refinement not measured yet: predict it from this generation's slicing rate
             # (its cost is slices per image x images, at the same points per slice).
-            per_slice = timings["slicing"] / (len(grid) / (size if a.matching_mode == "distributed" else 1))
+            # (in the independent half-set mode two models were sliced and refined against)
+            sliced = len(grid) * (2 if independent else 1)
+            per_slice = timings["slicing"] / (sliced / (size if a.matching_mode == "distributed" else 1))
             per_image = REFINE_SLICES_PER_ROUND[a.refine_stencil] * a.refine_rounds
             refine_guess = per_slice * per_image * len(quats)
         _log_generation(g, a.generations, entry,
