@@ -429,9 +429,10 @@ def _chunks(rows: np.ndarray, indptr: np.ndarray, indices: np.ndarray, fine_grid
     neighbours. One row whose list alone exceeds the limit is a chunk of its own. With
     ``max_slices <= 0`` or when everything fits, one chunk holds all rows.
     """
-    total = np.unique(np.concatenate([indices[indptr[c]:indptr[c + 1]] for c in rows])) \
-        if len(rows) else np.zeros(0, dtype=np.int64)
-    if max_slices <= 0 or len(total) <= max_slices:
+    if max_slices <= 0 or len(rows) == 0:
+        return [rows]
+    total = np.unique(np.concatenate([indices[indptr[c]:indptr[c + 1]] for c in rows]))
+    if len(total) <= max_slices:
         return [rows]
     first = np.array([indices[indptr[c]] if indptr[c + 1] > indptr[c] else 0 for c in rows])
     q = fine_grid[first].copy()
