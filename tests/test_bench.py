@@ -57,7 +57,7 @@ def test_compare_matching_agrees_with_brute_force_and_peers(rng):
     """Ours, faiss and scikit-learn against a float64 brute-force argmin."""
     pytest.importorskip("faiss", reason="faiss-cpu not installed (pip install .[compare])")
     pytest.importorskip("sklearn", reason="scikit-learn not installed (pip install .[compare])")
-    from spinifel.bench_compare import compare_matching, format_compare
+    from spinifel.bench.compare import compare_matching, format_compare
 
     # well-separated slices so that float32 cannot flip the answer
     slices = rng.standard_normal((300, 64)).astype(np.float32)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from spinifel.coarse_to_fine import (
+from spinifel.orientation.coarse_to_fine import (
     coarse_pixel_selection,
     grid_neighbours,
     match_coarse_to_fine,
@@ -20,9 +20,9 @@ from spinifel.geometry.orientations import (
     orientation_grid,
     random_quaternions,
 )
-from spinifel.matching import match_orientations
+from spinifel.orientation.matching import match_orientations
 from spinifel.phasing.algorithms import autocorrelation_from_density
-from spinifel.slicing import Slicer
+from spinifel.orientation.slicing import Slicer
 
 
 def _batches(slices, batch):
@@ -242,7 +242,7 @@ def test_dry_run_memory_estimate_counts_the_fine_slices():
 
 
 def test_chunks_respect_the_cap_and_cover_every_row():
-    from spinifel.coarse_to_fine import _chunks
+    from spinifel.orientation.coarse_to_fine import _chunks
 
     fine, coarse, indptr, indices = search_grids(3000, 375, 1.25, None)
     rows = np.arange(len(coarse))

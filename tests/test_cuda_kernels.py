@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from spinifel.backend.kernels import KERNELS, match_fused_reference
-from spinifel.matching import match_orientations
+from spinifel.orientation.matching import match_orientations
 
 CU_FILES = sorted(KERNELS.values())
 

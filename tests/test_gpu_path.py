@@ -214,8 +214,8 @@ def _peak(fn):
 def test_orientation_batch_memory_model_bounds_the_measured_peak(rng):
     """The per-orientation bytes of batch_caps cover what slicing + transform allocate
     (measured with tracemalloc on the numpy path, which allocates the same arrays)."""
-    from spinifel.matching import apply_transform
-    from spinifel.slicing import Slicer
+    from spinifel.orientation.matching import apply_transform
+    from spinifel.orientation.slicing import Slicer
 
     M, B, P = 9, 200, 600
     pos = rng.uniform(-1, 1, (3, P))
@@ -430,7 +430,7 @@ def test_cg_and_toeplitz_operator_on_device_match_host(rng):
 @needs_gpu
 @pytest.mark.parametrize("scale", [False, True])
 def test_matching_on_device_uses_the_fused_kernel_and_agrees(rng, scale):
-    from spinifel.matching import match_orientations
+    from spinifel.orientation.matching import match_orientations
 
     cp = _gpu()
     images = rng.uniform(0, 3, (40, 200)).astype(np.float32)
@@ -573,11 +573,11 @@ def test_gpu_branches_on_two_ranks_match_numpy(monkeypatch):
 
     import fake_cupy
     from spinifel.geometry.orientations import orientation_grid
-    from spinifel.matching import match_distributed, match_orientations
+    from spinifel.orientation.matching import match_distributed, match_orientations
     from spinifel.merging.merge import accumulate_normal_equations, merge
     from spinifel.parallel.partition import block_range
     from spinifel.phasing.algorithms import autocorrelation_from_density
-    from spinifel.slicing import Slicer
+    from spinifel.orientation.slicing import Slicer
 
     comm = MPI.COMM_WORLD
     rng = np.random.default_rng(9)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from spinifel.geometry.orientations import orientation_grid
-from spinifel.matching import match_orientations
+from spinifel.orientation.matching import match_orientations
 from spinifel.phasing.algorithms import autocorrelation_from_density
-from spinifel.slicing import Slicer
+from spinifel.orientation.slicing import Slicer
 
 
 def _batches(slices, batch):
@@ -65,7 +65,7 @@ def test_true_orientation_found_for_model_slices(rng):
 @pytest.mark.parametrize("stencil", ["axes", "cube"])
 def test_refinement_finds_off_grid_orientation(rng, stencil):
     from spinifel.geometry.orientations import angle_between, grid_spacing, random_quaternions
-    from spinifel.matching import refine_orientations
+    from spinifel.orientation.matching import refine_orientations
 
     M = 15
     idx = np.indices((M, M, M)) - (M - 1) / 2
@@ -107,7 +107,7 @@ def test_refinement_finds_off_grid_orientation(rng, stencil):
 
 
 def test_parabolic_offsets_find_the_minimum_of_a_separable_quadratic(rng):
-    from spinifel.matching import _parabolic_offsets
+    from spinifel.orientation.matching import _parabolic_offsets
 
     h = 0.1
     centre = rng.uniform(-h, h, (50, 3))
@@ -154,7 +154,7 @@ def test_sqrt_transform_brute_force(rng):
 
 
 def test_distributed_equals_replicated_serial(rng):
-    from spinifel.matching import match_distributed
+    from spinifel.orientation.matching import match_distributed
     from spinifel.parallel.context import SerialComm
 
     M = 15
@@ -178,7 +178,7 @@ def test_distributed_equals_replicated_serial(rng):
 def test_distributed_equals_replicated_two_ranks():
     from mpi4py import MPI
 
-    from spinifel.matching import match_distributed
+    from spinifel.orientation.matching import match_distributed
     from spinifel.parallel.partition import block_range
 
     comm = MPI.COMM_WORLD

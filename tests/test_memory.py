@@ -39,10 +39,10 @@ def test_peak_rss_flat_over_generations(tmp_path):
 _MATCH_SCRIPT = """
 import resource, sys
 import numpy as np
-from spinifel.bench import synthetic_problem
+from spinifel.bench.runner import synthetic_problem
 from spinifel.geometry.orientations import orientation_grid
-from spinifel.matching import match_orientations
-from spinifel.slicing import Slicer
+from spinifel.orientation.matching import match_orientations
+from spinifel.orientation.slicing import Slicer
 K = int(sys.argv[1])
 p = synthetic_problem(31, 32, 400, 0, np.float32)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -8,7 +8,7 @@ from spinifel.merging.merge import accumulate_normal_equations, ball_support, me
 from spinifel.parallel.context import SerialComm
 from spinifel.parallel.partition import block_range
 from spinifel.phasing.algorithms import autocorrelation_from_density
-from spinifel.slicing import Slicer
+from spinifel.orientation.slicing import Slicer
 
 
 def _problem(seed=0, M=17, n_images=60, n1=14):

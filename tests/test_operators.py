@@ -7,7 +7,8 @@ from spinifel.backend.nufft import Type1, Type2
 from spinifel.geometry.orientations import random_quaternions
 from spinifel.merging.operator import ToeplitzNormalOperator, adjoint_to_grid, kernel_spectrum
 from spinifel.merging.merge import ball_support
-from spinifel.slicing import Slicer, rotated_points
+from spinifel.geometry.points import rotated_points
+from spinifel.orientation.slicing import Slicer
 
 
 def _modes(M):

@@ -254,8 +254,8 @@ def test_independent_half_sets_match_each_half_against_its_own_map(tiny, tmp_pat
     its own half map (checked with a direct match against the checkpointed half maps)."""
     from spinifel.geometry.orientations import orientation_grid
     from spinifel.io.dataset import read_geometry, read_shard
-    from spinifel.matching import match_orientations
-    from spinifel.slicing import Slicer
+    from spinifel.orientation.matching import match_orientations
+    from spinifel.orientation.slicing import Slicer
     from spinifel.validation.halves import half_assignment
 
     algo = {"match_resolution_ramp": 2, "refine_rounds": 0}

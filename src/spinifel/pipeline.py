@@ -32,7 +32,7 @@ from spinifel.config import Config
 from spinifel.errors import DatasetError, SpinifelError
 from spinifel.geometry.orientations import grid_spacing, orientation_grid, random_quaternions
 from spinifel.io.dataset import inspect_dataset, read_geometry, read_shard, shard_bounds
-from spinifel.matching import (
+from spinifel.orientation.matching import (
     REFINE_SLICES_PER_ROUND,
     match_distributed,
     match_orientations,
@@ -49,7 +49,7 @@ from spinifel.parallel.collectives import allreduce_sum, bcast_array
 from spinifel.parallel.context import ParallelContext, collective, on_root
 from spinifel.parallel.partition import round_robin
 from spinifel.phasing.algorithms import intensity_from_autocorrelation
-from spinifel.slicing import Slicer
+from spinifel.orientation.slicing import Slicer
 
 log = logging.getLogger("spinifel")
 
@@ -517,7 +517,7 @@ def _assign_orientations(*, cfg: Config, comm: Any, model_ac: np.ndarray, images
         match = match_distributed(comm, images, slicer, grid, orientation_batch,
                                   a.scale_per_image, image_batch, a.match_transform, timings)
     elif a.search == "coarse_to_fine":
-        from spinifel.coarse_to_fine import match_with_config
+        from spinifel.orientation.coarse_to_fine import match_with_config
 
         match, c2f = match_with_config(images, model_ac, positions, extent, slicer, a, real,
                                        threads, timings)

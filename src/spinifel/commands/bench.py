@@ -40,7 +40,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from spinifel.bench import format_table, plot_breakdown, run_bench
+    from spinifel.bench.runner import format_table, plot_breakdown, run_bench
     from spinifel.config import load_config
     from spinifel.parallel.context import ParallelContext, collective
     from spinifel.runtime import configure_threads
@@ -83,7 +83,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"FFT pair on the (2M)^3 grid: scipy.fft {fft['scipy_fft_pair']:.4f} s, "
               f"numpy.fft {fft['numpy_fft_pair']:.4f} s (the merge uses scipy.fft)")
         if args.compare:
-            from spinifel.bench_compare import format_compare
+            from spinifel.bench.compare import format_compare
 
             print(format_compare(every[0]["compare_matching"]))
         c2f = every[0]["coarse_to_fine"]

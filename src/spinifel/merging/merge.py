@@ -31,7 +31,7 @@ from spinifel.merging.lcurve import lcurve_corner
 from spinifel.merging.operator import ToeplitzNormalOperator, kernel_spectrum
 from spinifel.parallel.collectives import allreduce_sum, bcast_array
 from spinifel.parallel.partition import round_robin
-from spinifel.slicing import rotated_points
+from spinifel.geometry.points import rotated_points
 
 log = logging.getLogger("spinifel")
 

@@ -292,7 +292,7 @@ def refine_orientations(images: np.ndarray, quaternions: np.ndarray, slicer, ste
         Local images over the good pixels.
     quaternions : ndarray (n_images, 4)
         Starting orientations (the grid match).
-    slicer : spinifel.slicing.Slicer
+    slicer : spinifel.orientation.slicing.Slicer
         Model of the current autocorrelation at the same pixels.
     step : float
         Initial half-width in radians (half the grid spacing is a good start).
@@ -350,7 +350,7 @@ def match_distributed(comm, images: np.ndarray, slicer, grid: np.ndarray, batch:
         Collective: every rank calls this (``sendrecv``, ``Get_rank``, ``Get_size``).
     images : ndarray (n_local, P)
         This rank's images (untransformed).
-    slicer : spinifel.slicing.Slicer
+    slicer : spinifel.orientation.slicing.Slicer
         Model at the same pixels as ``images``.
     grid : ndarray (K, 4)
         The whole orientation grid (identical on every rank).

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from spinifel.matching import match_orientations
+from spinifel.orientation.matching import match_orientations
 
 
 def _timed(fn) -> tuple[float, Any]:

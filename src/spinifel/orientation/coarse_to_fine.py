@@ -7,7 +7,7 @@ Exhaustive matching compares every image with every orientation of the fine grid
    pixels only (``|s|`` below a fraction of the largest). At low resolution the distance
    varies slowly with the orientation, so a coarse grid samples it well enough to find
    the right neighbourhood. The ``k`` nearest coarse orientations of each image are kept
-   (:func:`top_k_matches`, one GEMM per slice batch like :func:`~spinifel.matching.update_matches`).
+   (:func:`top_k_matches`, one GEMM per slice batch like :func:`~spinifel.orientation.matching.update_matches`).
 2. **Fine pass**: every coarse orientation ``c`` has a precomputed list ``N(c)`` of the fine
    orientations within a misorientation radius of it (:func:`grid_neighbours`). The images
    that kept ``c`` among their candidates are compared, with all pixels and the same
@@ -36,14 +36,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from spinifel.geometry.orientations import grid_spacing, orientation_grid
-from spinifel.matching import MatchState, apply_transform
+from spinifel.orientation.matching import MatchState, apply_transform
 
 
 def _pair_distances(cross: np.ndarray, image_sq: np.ndarray, slice_sq: np.ndarray,
                     scale_per_image: bool) -> tuple[np.ndarray, np.ndarray]:
     """Squared distances and fitted scales of every (image, slice) pair of one GEMM block.
 
-    The same arithmetic, in the same order, as :func:`spinifel.matching.update_matches`, so
+    The same arithmetic, in the same order, as :func:`spinifel.orientation.matching.update_matches`, so
     a pair gets the same distance in both searches whenever the GEMM gives the same ``x.y``.
 
     Parameters
@@ -144,7 +144,7 @@ def top_k_matches(images: np.ndarray, slice_batches: Iterable[tuple[int, np.ndar
                   transform: str = "none") -> TopK:
     """The ``k`` nearest model slices of every image over a stream of slice batches.
 
-    Same distance as :func:`spinifel.matching.match_orientations`; with ``k = 1`` the same
+    Same distance as :func:`spinifel.orientation.matching.match_orientations`; with ``k = 1`` the same
     result. Memory ``O(n k)`` besides one GEMM block.
     """
     if k < 1:
@@ -302,9 +302,9 @@ def match_coarse_to_fine(images: np.ndarray, slicer, coarse_slicer, coarse_pixel
     ----------
     images : ndarray (n_images, P)
         Local images over the matching pixels (untransformed).
-    slicer : spinifel.slicing.Slicer
+    slicer : spinifel.orientation.slicing.Slicer
         Model at the same ``P`` pixels (fine pass).
-    coarse_slicer : spinifel.slicing.Slicer
+    coarse_slicer : spinifel.orientation.slicing.Slicer
         Model at the pixels ``coarse_pixels`` (coarse pass).
     coarse_pixels : ndarray (P_c,) int
         Columns of ``images`` used in the coarse pass.
@@ -484,7 +484,7 @@ def match_with_config(images: np.ndarray, autocorrelation: np.ndarray, positions
     the cached grids and neighbour lists. The slicing time of both passes is added to
     ``timings["slicing"]``.
     """
-    from spinifel.slicing import Slicer
+    from spinifel.orientation.slicing import Slicer
 
     n_coarse = a.coarse_n_orientations or default_coarse_size(a.n_orientations)
     # rounded: the cache key must not change with the round-off of the pixel subset

@@ -29,10 +29,11 @@ import scipy.fft
 
 from spinifel.backend.nufft import Type1, Type2
 from spinifel.geometry.orientations import orientation_grid, random_quaternions
-from spinifel.matching import match_orientations
+from spinifel.orientation.matching import match_orientations
 from spinifel.merging.merge import accumulate_normal_equations, ball_support, merge
 from spinifel.phasing.algorithms import autocorrelation_from_density
-from spinifel.slicing import Slicer, rotated_points
+from spinifel.geometry.points import rotated_points
+from spinifel.orientation.slicing import Slicer
 
 
 def _clock(fn, repeat: int = 1) -> float:
@@ -83,7 +84,7 @@ def search_bench(images: np.ndarray, slicer: Slicer, ac: np.ndarray, positions: 
     matching of the whole grid), the distance evaluations of both, their ratio, and the
     fraction of images that get the same fine orientation.
     """
-    from spinifel.coarse_to_fine import (
+    from spinifel.orientation.coarse_to_fine import (
         coarse_pixel_selection,
         default_coarse_size,
         match_coarse_to_fine,
@@ -125,7 +126,7 @@ def run_bench(comm: Any, *, images_per_rank: int, n_pixels: int, M: int, n_orien
 
     ``search``: keyword arguments of :func:`search_bench` (coarse-to-fine settings).
     ``compare``: also time matching against faiss and scikit-learn on the same images and
-    slices (:func:`spinifel.bench_compare.compare_matching`), under ``compare_matching``.
+    slices (:func:`spinifel.bench.compare.compare_matching`), under ``compare_matching``.
     """
     dtype = np.float32 if precision == "single" else np.float64
     rank = comm.Get_rank()
@@ -162,13 +163,13 @@ def run_bench(comm: Any, *, images_per_rank: int, n_pixels: int, M: int, n_orien
     out["matching"] = {"seconds": t_ours, "limit_seconds": t_lim, "rate": flops / t_ours / 1e9,
                        "unit": "GFLOP/s", "limit_rate": flops / t_lim / 1e9}
     if compare:
-        from spinifel.bench_compare import compare_matching
+        from spinifel.bench.compare import compare_matching
 
         out["compare_matching"] = compare_matching(
             images, np.concatenate([b for _, b in batches]), threads, orientation_batch)
 
     # ring-distributed matching (slicing 1/R of the grid + the ring) vs replicated
-    from spinifel.matching import match_distributed
+    from spinifel.orientation.matching import match_distributed
 
     comm.Barrier()
     t_dist = _clock(lambda: match_distributed(comm, images, slicer, grid, orientation_batch, True,
