@@ -1,6 +1,6 @@
 """Reader of CXI files (CXIDB file format 1.6) for single-particle imaging stacks.
 
-The CXI reader produces the same :class:`~spinifel.io.dataset.DatasetInfo`,
+The CXI reader produces the same :class:`~spinifel.io.common.DatasetInfo`,
 :class:`~spinifel.io.dataset.DetectorGeometry` and :class:`~spinifel.io.dataset.ImageShard`
 as the reader of the original skopi layout; :mod:`spinifel.io.dataset` dispatches to it
 (``format="cxi"``, or ``"auto"`` with a file that has ``cxi_version`` or ``entry_1``), and
@@ -67,6 +67,7 @@ import numpy as np
 
 from spinifel.errors import DatasetError
 from spinifel.geometry.detector import reciprocal_from_lab
+from spinifel.io.common import DatasetInfo, _attr_value, _dtype_name, _open
 
 log = logging.getLogger("spinifel")
 
@@ -345,7 +346,6 @@ def inspect_open(f: h5py.File, path: Path):
     the mask's shape and dtype and the orientations' shape. The geometry values are read
     and checked by :func:`read_cxi_geometry`.
     """
-    from spinifel.io.dataset import DatasetInfo, _attr_value, _dtype_name
 
     layout = locate(f, path)
     dset = f[layout.data]
@@ -519,7 +519,6 @@ def describe_geometry(path: str | Path) -> dict:
     ``photon_energy_ev``, ``corner_position_m`` (list per module), ``basis_vectors_m``,
     ``centred_on_beam``, ``no_weight_bits`` (hex string).
     """
-    from spinifel.io.dataset import _open
 
     p = Path(path)
     with _open(p) as f:
