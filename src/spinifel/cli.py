@@ -54,25 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _world():
-    """(rank, size, comm) of MPI.COMM_WORLD when MPI is in use, else (0, 1, None)."""
-    if "mpi4py.MPI" not in sys.modules:
-        return 0, 1, None
-    from mpi4py import MPI
-
-    w = MPI.COMM_WORLD
-    return w.Get_rank(), w.Get_size(), w
-
-
 def main(argv: list[str] | None = None) -> int:
     from spinifel.errors import SpinifelError
     from spinifel.log import setup_logging
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    from spinifel.parallel.context import init_mpi, world
+
     if args._needs_mpi:
-        from mpi4py import MPI  # noqa: F401  (initialises MPI for the commands that use it)
-    rank, size, comm = _world()
+        init_mpi()
+    rank, size, comm = world()
     setup_logging(rank, size, verbose=args.verbose, quiet=args.quiet)
     if comm is not None and size > 1:
         from spinifel.parallel.context import ParallelContext

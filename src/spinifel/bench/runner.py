@@ -34,6 +34,7 @@ from spinifel.merging.merge import accumulate_normal_equations, ball_support, me
 from spinifel.phasing.algorithms import autocorrelation_from_density
 from spinifel.geometry.points import rotated_points
 from spinifel.orientation.slicing import Slicer
+from spinifel.parallel.collectives import barrier
 
 
 def _clock(fn, repeat: int = 1) -> float:
@@ -171,7 +172,7 @@ def run_bench(comm: Any, *, images_per_rank: int, n_pixels: int, M: int, n_orien
     # ring-distributed matching (slicing 1/R of the grid + the ring) vs replicated
     from spinifel.orientation.matching import match_distributed
 
-    comm.Barrier()
+    barrier(comm)
     t_dist = _clock(lambda: match_distributed(comm, images, slicer, grid, orientation_batch, True,
                                               4096, "sqrt"))
     out["matching_distributed"] = {

@@ -29,7 +29,7 @@ from spinifel.backend.nufft import Type1
 from spinifel.merging.cg import conjugate_gradient
 from spinifel.merging.lcurve import lcurve_corner
 from spinifel.merging.operator import ToeplitzNormalOperator, kernel_spectrum
-from spinifel.parallel.collectives import allreduce_sum, bcast_array
+from spinifel.parallel.collectives import allgather_objects, allreduce_sum, bcast_array
 from spinifel.parallel.partition import round_robin
 from spinifel.geometry.points import rotated_points
 
@@ -189,7 +189,7 @@ def merge(comm: Any, eq: NormalEquations, *, lambdas_rel: Sequence[float], x0: n
     t1 = time.perf_counter()
     summary = {i: (v[1], v[2], v[3]) for i, v in local.items()}
     gathered: dict[int, tuple[int, float, float]] = {}
-    for part in comm.allgather(summary):
+    for part in allgather_objects(comm, summary):
         gathered.update(part)
     iters = [gathered[i][0] for i in range(n)]
     resid = [gathered[i][1] for i in range(n)]

@@ -357,6 +357,7 @@ def match_distributed(comm, images: np.ndarray, slicer, grid: np.ndarray, batch:
     """
     import time
 
+    from spinifel.parallel.collectives import ring_shift
     from spinifel.parallel.partition import block_range
 
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -368,17 +369,15 @@ def match_distributed(comm, images: np.ndarray, slicer, grid: np.ndarray, batch:
     xp = get_array_module(images)
     block = xp.ascontiguousarray(apply_transform(images, transform))
     state = MatchState.empty(block.shape[0], xp)
-    right, left = (rank + 1) % size, (rank - 1) % size
     for step in range(size):
         sq = np.einsum("np,np->n", block, block, dtype=np.float64) if xp is np else None
         for offset, sl in mine:
             update_matches(state, block, sq, sl, offset, scale_per_image, image_batch)
         if step < size - 1:
             # device arrays travel through host memory (pickled sendrecv)
-            block, state = comm.sendrecv((to_module(block, np), state.to(np)), dest=right,
-                                         source=left)
+            block, state = ring_shift(comm, (to_module(block, np), state.to(np)))
             block, state = to_module(block, xp), state.to(xp)
     # After size - 1 shifts this rank holds the block of rank + 1: send each state home.
     if size > 1:
-        state = comm.sendrecv(state.to(np), dest=right, source=left).to(xp)
+        state = ring_shift(comm, state.to(np)).to(xp)
     return state

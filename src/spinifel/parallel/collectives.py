@@ -96,3 +96,52 @@ def allgather_array(comm: Any, array: Any) -> np.ndarray:
         return np.asarray(to_host(array))
     parts = comm.allgather(np.ascontiguousarray(to_host(array)))
     return np.concatenate(parts, axis=0)
+
+
+# --------------------------------------------------------------------------------------
+# Python-object collectives (pickled): small metadata, per-rank summaries, image blocks
+# of the matching ring. Every one takes the communicator and works with SerialComm.
+# --------------------------------------------------------------------------------------
+
+
+def allgather_objects(comm: Any, value: Any) -> list:
+    """Every rank's ``value``, in rank order, on every rank (``[value]`` on one rank)."""
+    return comm.allgather(value) if comm.Get_size() > 1 else [value]
+
+
+def gather_objects(comm: Any, value: Any, root: int = 0) -> list | None:
+    """Every rank's ``value`` in rank order on ``root``; None elsewhere.
+
+    On one rank: ``[value]``.
+    """
+    if comm.Get_size() == 1:
+        return [value]
+    return comm.gather(value, root=root)
+
+
+def bcast_object(comm: Any, value: Any, root: int = 0) -> Any:
+    """``value`` of ``root`` on every rank (the argument is ignored elsewhere)."""
+    return comm.bcast(value, root=root)
+
+
+def all_true(comm: Any, flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on every rank."""
+    return all(allgather_objects(comm, bool(flag)))
+
+
+def ring_shift(comm: Any, value: Any) -> Any:
+    """Send ``value`` to rank ``r + 1`` and return the one of rank ``r - 1`` (cyclic).
+
+    One step of a ring (pickled ``sendrecv``): after ``size`` steps every value has
+    visited every rank. On one rank it returns ``value``.
+    """
+    size = comm.Get_size()
+    if size == 1:
+        return value
+    rank = comm.Get_rank()
+    return comm.sendrecv(value, dest=(rank + 1) % size, source=(rank - 1) % size)
+
+
+def barrier(comm: Any) -> None:
+    """Wait for every rank of ``comm``."""
+    comm.Barrier()

@@ -210,3 +210,24 @@ def on_root(comm: Any, fn, *args, root: int = 0, **kwargs):
             err = e
     agree_on_errors(comm, err)
     return comm.bcast(result, root=root) if comm.Get_size() > 1 else result
+
+
+def init_mpi() -> None:
+    """Import ``mpi4py.MPI``, which initialises MPI (for the commands that need it)."""
+    from mpi4py import MPI  # noqa: F401
+
+
+def world() -> tuple[int, int, Any]:
+    """``(rank, size, comm)`` of ``MPI.COMM_WORLD`` when MPI is in use, else ``(0, 1, None)``.
+
+    "In use" means ``mpi4py.MPI`` was imported already (see :func:`init_mpi`); this never
+    initialises MPI itself, so serial commands run without an MPI library.
+    """
+    import sys
+
+    if "mpi4py.MPI" not in sys.modules:
+        return 0, 1, None
+    from mpi4py import MPI
+
+    w = MPI.COMM_WORLD
+    return w.Get_rank(), w.Get_size(), w

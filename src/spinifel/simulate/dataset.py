@@ -61,6 +61,7 @@ from spinifel.errors import ConfigError, OutputError
 from spinifel.geometry import detector as det
 from spinifel.geometry.orientations import (orientation_grid, quaternion_to_matrix,
                                             random_quaternions)
+from spinifel.parallel.collectives import bcast_object, gather_objects
 from spinifel.parallel.partition import block_range, block_sizes
 from spinifel.simulate.formfactors import form_factor
 from spinifel.simulate.scatter import StructureFactorPlan
@@ -349,7 +350,7 @@ def simulate_dataset(path: str | os.PathLike, structure: Structure, *, n_images:
             except OutputError as exc:
                 failure = str(exc)
         # Tell every rank whether the file could be created, so none waits in vain.
-        failure = comm.bcast(failure, root=0)
+        failure = bcast_object(comm, failure)
         if failure is not None:
             raise _everywhere(OutputError(failure))
         for step in range(n_steps):
@@ -358,7 +359,7 @@ def simulate_dataset(path: str | os.PathLike, structure: Structure, *, n_images:
             result = (a, *sim.images(a, b, seed=seed, scale=scale,
                                      fluence_jitter=fluence_jitter,
                                      orientations=orientations))
-            gathered = comm.gather(result, root=0)
+            gathered = gather_objects(comm, result)
             if rank == 0:
                 for a_r, img, q, fl in gathered:
                     b_r = a_r + img.shape[0]
@@ -401,7 +402,7 @@ def simulate_dataset(path: str | os.PathLike, structure: Structure, *, n_images:
             "structure_name": structure.name,
             "n_atoms": structure.n_atoms,
         }
-    return comm.bcast(summary, root=0)
+    return bcast_object(comm, summary)
 
 
 def _create_file(tmp: Path, structure: Structure, *, n_images: int, pos: np.ndarray,
