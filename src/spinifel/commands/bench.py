@@ -67,9 +67,9 @@ def main(args: argparse.Namespace) -> int:
                             "coarse_twins": args.coarse_twins},
                     compare=args.compare)
     from spinifel.parallel.collectives import allgather_objects
-    from spinifel.pipeline import _peak_rss_mib
+    from spinifel.pipeline import peak_rss_mib
 
-    res["peak_rss_mib"] = {"value": _peak_rss_mib()}
+    res["peak_rss_mib"] = {"value": peak_rss_mib()}
     every = allgather_objects(comm, res)
     if collective_ctx.is_root:
         head = (f"spinifel-mpi bench: {comm.Get_size()} rank(s), {args.images_per_rank} images/rank of "

@@ -1,0 +1,287 @@
+"""The reconstruction problem, built once per run: backends, data, geometry, grids, masks.
+
+:meth:`Problem.open` reads metadata only (every rank: dataset structure, shard bounds,
+detector geometry) and checks the configuration against it; :meth:`Problem.plan` is the
+dry run; :meth:`Problem.load` reads this rank's images and builds everything the
+generations share (orientation grid, support, Fourier mask, half-set rows, batch sizes,
+the ground truth on rank 0). Nothing here changes between generations.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from spinifel.backend.arrays import to_module
+from spinifel.backend.select import Backends
+from spinifel.config import Config
+from spinifel.errors import ConfigError, DatasetError, SpinifelError
+from spinifel.geometry.orientations import grid_spacing, orientation_grid
+from spinifel.io.dataset import (
+    DatasetInfo,
+    DetectorGeometry,
+    inspect_dataset,
+    read_geometry,
+    read_shard,
+    shard_bounds,
+)
+from spinifel.merging.merge import ball_support
+from spinifel.parallel.collectives import all_true, allgather_objects
+from spinifel.parallel.context import ParallelContext, collective
+
+log = logging.getLogger("spinifel")
+
+
+def measured_fourier_mask(M: int, positions: np.ndarray, reciprocal_extent: float) -> np.ndarray:
+    """Centred ``(M, M, M)`` mask of the reciprocal grid points the data can reach.
+
+    Rotating the detector over all orientations covers the shell between the smallest and
+    the largest ``|s|`` of the good pixels; the cube's corners beyond it and the beamstop
+    hole inside it are not measured, so phasing must not impose amplitudes there.
+    """
+    s = np.linalg.norm(positions, axis=0)
+    step = 2.0 * reciprocal_extent / M  # reciprocal grid spacing 1 / (M d)
+    k = (np.arange(M) - (M - 1) / 2) * step
+    r = np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
+    # half a grid step of margin: grid points on the boundary are interpolated from data
+    return (r >= s.min() - 0.5 * step) & (r <= s.max() + 0.5 * step)
+
+
+def check_backend_config(cfg: Config, xp: Any) -> None:
+    """Refuse settings the chosen array backend cannot run (ConfigError, one line).
+
+    ``algorithm.search = "coarse_to_fine"`` runs on the CPU path only (``xp`` numpy).
+    """
+    if xp is not np and cfg.algorithm.search == "coarse_to_fine":
+        raise ConfigError("config key 'algorithm.search': 'coarse_to_fine' runs on the CPU path "
+                          "only in this version; use 'exhaustive' with the GPU backend")
+
+
+def check_half_sets(cfg: Config, n_images: int) -> None:
+    """Half sets need at least 4 images (two per half): ConfigError otherwise."""
+    if cfg.validation.half_sets != "off" and n_images < 4:
+        raise ConfigError(f"config key 'validation.half_sets': needs at least 4 images, "
+                          f"the run has {n_images}")
+
+
+@dataclass
+class Problem:
+    """Everything the generations share (built once; see the module docstring).
+
+    Attributes set by :meth:`open` (every rank): ``cfg``, ``ctx``, ``backends``,
+    ``info``, ``n_images``, ``start``/``stop`` (this rank's rows in file order), ``geom``.
+    Set by :meth:`load`: ``images`` (n_local, P) in ``real`` on the array module ``xp``,
+    ``positions`` (3, P) float64 host and ``d_positions`` on ``xp`` (inverse metres),
+    ``grid`` (K, 4) orientation grid, ``support`` (M, M, M) bool autocorrelation support,
+    ``fourier_mask`` (M, M, M) bool measured shell, ``s_norm`` (P,) ``|s|`` per pixel,
+    ``halves`` (n_local,) int half of each local image or None, ``half_rows`` per half
+    a (host mask, mask on ``xp``) pair or None, ``orientation_batch`` / ``image_batch``,
+    ``truth`` (rank 0 only, when evaluation is on and the dataset has it), ``shard``.
+    """
+
+    cfg: Config
+    ctx: ParallelContext
+    backends: Backends
+    info: DatasetInfo
+    n_images: int
+    start: int
+    stop: int
+    geom: DetectorGeometry
+    io_seconds: float = 0.0
+    shard: Any = None
+    images: Any = None
+    positions: np.ndarray | None = None
+    d_positions: Any = None
+    grid: np.ndarray | None = None
+    support: np.ndarray | None = None
+    fourier_mask: np.ndarray | None = None
+    s_norm: np.ndarray | None = None
+    halves: np.ndarray | None = None
+    half_rows: list | None = None
+    orientation_batch: int = 0
+    image_batch: int = 0
+    truth: Any = None
+    extras: dict = field(default_factory=dict)
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def open(cls, cfg: Config, ctx: ParallelContext) -> Problem:
+        """Backends, dataset structure, shard bounds and geometry (collective; no images)."""
+        comm = ctx.comm
+        if not cfg.data.path:
+            raise SpinifelError("config key 'data.path': no dataset given (set it in the config "
+                                "or with --set data.path=FILE)")
+        be = select_run_backends(cfg, ctx)
+        check_backend_config(cfg, be.xp)
+        t_io = time.perf_counter()
+        path = cfg.data.path
+        info = collective(comm, inspect_dataset, path, cfg.data.format)
+        n_images = info.n_images if cfg.data.n_images == 0 else min(cfg.data.n_images,
+                                                                    info.n_images)
+        start, stop = collective(comm, shard_bounds, n_images, ctx.size, ctx.rank)
+        geom = collective(comm, read_geometry, path, cfg.detector.clip, cfg.detector.binning,
+                          cfg.data.format)
+        if cfg.algorithm.use_true_orientations and not info.has_orientations:
+            raise DatasetError(path, "orientations", "algorithm.use_true_orientations is set but "
+                               "the dataset has no orientations")
+        check_half_sets(cfg, n_images)
+        return cls(cfg=cfg, ctx=ctx, backends=be, info=info, n_images=n_images, start=start,
+                   stop=stop, geom=geom, io_seconds=time.perf_counter() - t_io)
+
+    def plan(self) -> dict:
+        """The dry run's plan (collective): ranks, images, pixels, memory, backends."""
+        return {"ranks": self.ctx.size, "n_images": self.n_images,
+                "images_per_rank": allgather_objects(self.ctx.comm, self.n_local),
+                "pixels": int(self.geom.mask.sum()),
+                "memory_per_rank_bytes": self.memory_estimate(),
+                "array_backend": self.backends.array, "nufft_backend": self.backends.nufft}
+
+    def load(self) -> Problem:
+        """Read this rank's images and build the shared arrays (collective); returns self."""
+        cfg, comm, a = self.cfg, self.ctx.comm, self.cfg.algorithm
+        t_io = time.perf_counter()
+        self.shard = collective(comm, read_shard, cfg.data.path, self.start, self.stop,
+                                cfg.detector.clip, cfg.detector.binning, cfg.data.negative,
+                                self.geom, cfg.data.format)
+        self.io_seconds += time.perf_counter() - t_io
+        if cfg.validation.half_sets != "off":
+            from spinifel.validation.halves import half_assignment
+
+            self.halves = half_assignment(self.n_images, cfg.runtime.seed)[self.start:self.stop]
+        xp = self.xp
+        good = self.geom.mask
+        self.positions = np.ascontiguousarray(self.geom.positions[:, good])
+        images = np.ascontiguousarray(self.shard.images[:, good], dtype=self.real)
+        # GPU path: images and pixel positions go to the device once
+        self.images, self.d_positions = to_module(images, xp), to_module(self.positions, xp)
+        # each half's local rows: a host mask (orientations) and one for the images' module
+        self.half_rows = None if self.halves is None else [
+            (self.halves == h, to_module(self.halves == h, xp)) for h in (0, 1)]
+        self.orientation_batch, self.image_batch = _batches(cfg, self.backends, int(good.sum()))
+        self._log_data()
+        self.grid = orientation_grid(a.n_orientations)
+        self.support = ball_support(a.M, a.ac_support_radius)
+        self.fourier_mask = measured_fourier_mask(a.M, self.positions, self.extent)
+        self.s_norm = np.linalg.norm(self.positions, axis=0)
+        if cfg.evaluation.enabled and self.ctx.rank == 0 and self.info.has_ground_truth:
+            from spinifel.evaluate.report import load_ground_truth
+
+            self.truth = load_ground_truth(cfg.data.path, a.M, self.extent)
+        return self
+
+    def _log_data(self) -> None:
+        comm, good = self.ctx.comm, self.geom.mask
+        per_rank = allgather_objects(comm, self.n_local)
+        log.info("data: %d images on %d ranks (%d..%d per rank), %d good pixels of %d; "
+                 "resolution at the detector corner %.2f A; grid M=%d, voxel %.2f A",
+                 self.n_images, self.ctx.size, min(per_rank),
+                 max(allgather_objects(comm, self.n_local)), int(good.sum()), good.size,
+                 1.0 / self.extent_inv_angstrom, self.cfg.algorithm.M, self.voxel_angstrom)
+        log.info("memory estimate per rank: %.1f MiB", self.memory_estimate() / 2**20)
+
+    # ---------------------------------------------------------------- derived values
+    @property
+    def xp(self) -> Any:
+        """Array module of the images and of the merge (numpy or cupy)."""
+        return self.backends.xp
+
+    @property
+    def real(self) -> Any:
+        """Image and slice dtype (``runtime.precision``)."""
+        return np.float32 if self.cfg.runtime.precision == "single" else np.float64
+
+    @property
+    def n_local(self) -> int:
+        """Images on this rank."""
+        return self.stop - self.start
+
+    @property
+    def extent(self) -> float:
+        """Largest ``|s|`` of the detector, inverse metres."""
+        return self.geom.reciprocal_extent
+
+    @property
+    def extent_inv_angstrom(self) -> float:
+        return self.extent * 1e-10
+
+    @property
+    def voxel_angstrom(self) -> float:
+        """Real-space voxel size ``1 / (2 extent)`` in angstrom."""
+        return 1.0 / (2.0 * self.extent) * 1e10
+
+    @property
+    def grid_spacing_deg(self) -> float:
+        return math.degrees(grid_spacing(self.cfg.algorithm.n_orientations))
+
+    def memory_estimate(self) -> int:
+        """Rough peak bytes per rank (see :func:`_memory_estimate`)."""
+        return _memory_estimate(self.cfg, self.n_local, int(self.geom.mask.sum()))
+
+    def initial_orientations(self) -> np.ndarray:
+        """Generation 0's local orientations ``(n_local, 4)`` float64: the dataset's
+        (validation mode) or seeded random ones (independent of the rank count)."""
+        from spinifel.geometry.orientations import random_quaternions
+
+        if self.cfg.algorithm.use_true_orientations:
+            log.info("using the dataset's true orientations (validation mode): no matching")
+            return np.asarray(self.shard.orientations, dtype=np.float64).reshape(-1, 4)
+        rng0 = np.random.default_rng([self.cfg.runtime.seed, 0, 3])
+        return random_quaternions(self.n_images, rng0)[self.start:self.stop]
+
+
+def select_run_backends(cfg: Config, ctx: ParallelContext) -> Backends:
+    """Choose and log the array and NUFFT backends; on a GPU, bind this rank to its device.
+
+    ``runtime.backend = "cupy"`` without a usable GPU is a ConfigError (never a silent
+    fall-back); ``"auto"`` takes the GPU when CuPy sees one and cufinufft imports. All
+    ranks decide together: if any rank cannot use the GPU under ``auto``, all use numpy.
+    """
+    from spinifel.backend.select import bind_device, select_backends
+
+    be = collective(ctx.comm, select_backends, cfg.runtime.backend, cfg.runtime.nufft_backends)
+    if ctx.size > 1 and not all_true(ctx.comm, be.gpu):
+        be = select_backends("numpy", cfg.runtime.nufft_backends)
+        be = Backends(be.array, be.xp, be.nufft, "runtime.backend = auto: not every rank sees a "
+                      "GPU", be.skipped)
+    be = bind_device(be, ctx.node_rank, ctx.node_size)
+    log.info("array backend %s (%s); NUFFT backend %s%s", be.array, be.reason, be.nufft,
+             "".join(f"; skipped {k}: {v}" for k, v in be.skipped.items()))
+    return be
+
+
+def _batches(cfg: Config, be: Backends, n_pixels: int) -> tuple[int, int]:
+    """``algorithm.orientation_batch`` / ``image_batch``, capped by free device memory on a GPU."""
+    from spinifel.backend.select import batch_caps, free_device_bytes
+
+    a = cfg.algorithm
+    free = free_device_bytes(be.xp)
+    if free is None:
+        return a.orientation_batch, a.image_batch
+    cap_o, cap_i = batch_caps(free, n_pixels, cfg.runtime.precision)
+    ob, ib = min(a.orientation_batch, cap_o), min(a.image_batch, cap_i)
+    log.info("device memory free %.1f GiB: orientation_batch %d, image_batch %d", free / 2**30,
+             ob, ib)
+    return ob, ib
+
+
+def _memory_estimate(cfg: Config, n_local: int, n_pixels: int) -> int:
+    """Rough peak bytes per rank: images, one slice batch and its GEMM block, grids."""
+    a = cfg.algorithm
+    item = 4 if cfg.runtime.precision == "single" else 8
+    images = n_local * n_pixels * item
+    slices = a.orientation_batch * n_pixels * (item + 8 * 3 + 8)
+    gemm = min(a.image_batch, max(n_local, 1)) * a.orientation_batch * 8 * 2
+    merge_pts = min(a.image_batch, max(n_local, 1)) * n_pixels * 8 * 4
+    grids = (2 * a.M) ** 3 * 8 * 4 + a.M ** 3 * 8 * 8
+    if a.search == "coarse_to_fine":
+        # the fine pass holds the fine slices its candidates need: with many images up to
+        # the whole fine grid, capped by coarse_max_fine_slices
+        held = a.n_orientations if a.coarse_max_fine_slices == 0 else min(
+            a.n_orientations, a.coarse_max_fine_slices)
+        slices += held * n_pixels * item
+    return int(images + slices + gemm + merge_pts + grids)

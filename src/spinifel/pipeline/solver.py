@@ -1,0 +1,410 @@
+"""The M-TIP generation as a solver: one method per stage, composed by :meth:`MTIPSolver.step`.
+
+SPMD: every rank runs every stage on its own shard of images; the collectives are in
+:mod:`spinifel.parallel`. Data flow of one generation::
+
+    orient()   model (state.full / state.halves) + local images --> Assignment
+               (per local image: orientations (n, 4), grid index (n,), later weights)
+    merge()    Assignment + local images --(type-1 NUFFTs, Allreduce, CG, L-curve)--> Merged
+    phase()    Merged --(phasing jobs on their owner ranks, Bcast)--> list of Phased
+    advance()  --> new SolverState (+ convergence) and the StepReport the handlers read
+
+Generation 0 merges with the initial (seeded random or true) orientations. Every random
+choice derives from ``runtime.seed`` and the generation number, never from the rank, so the
+result does not depend on the number of ranks beyond round-off.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from spinifel.backend.arrays import to_host, to_module
+from spinifel.backend.select import release_memory_pool
+from spinifel.config import Config
+from spinifel.merging.merge import accumulate_normal_equations, add_normal_equations, merge, solve_each
+from spinifel.orientation.matching import (
+    match_distributed,
+    match_orientations,
+    refine_orientations,
+)
+from spinifel.orientation.slicing import Slicer
+from spinifel.parallel.collectives import allreduce_sum, bcast_array, gather_objects
+from spinifel.phasing.algorithms import intensity_from_autocorrelation
+from spinifel.pipeline.problem import Problem
+from spinifel.pipeline.state import ChainState, SolverState
+from spinifel.pipeline.timer import StageTimer
+
+log = logging.getLogger("spinifel")
+
+
+def matching_resolution(generation: int, a) -> float:
+    """Fraction of the largest ``|s|`` used for matching in ``generation`` (>= 1)."""
+    if a.match_resolution_ramp <= 1:
+        return 1.0
+    t = (generation - 1) / (a.match_resolution_ramp - 1)
+    return float(min(1.0, a.match_resolution_start + (1.0 - a.match_resolution_start) * t))
+
+
+def model_scale(model_ac: np.ndarray, data_ac: np.ndarray, fourier_mask: np.ndarray) -> float:
+    """Least-squares factor ``c`` minimising ``||c I_model - I_data||`` over ``fourier_mask``."""
+    k = np.fft.ifftshift(fourier_mask)
+    im = np.fft.fftn(np.fft.ifftshift(model_ac)).real[k]
+    idata = np.fft.fftn(np.fft.ifftshift(data_ac)).real[k]
+    den = float(np.dot(im, im))
+    return float(np.dot(im, idata) / den) if den > 0 else 1.0
+
+
+def phase_chain(cfg: Config, ac: np.ndarray, chain: ChainState | None, generation: int,
+                fourier_mask: np.ndarray | None, stream: int = 0, xp: Any = np):
+    """Phase ``ac`` (warm start from ``chain``; a random start when it has no density).
+
+    ``stream`` separates the random starts of the full map (0), the half maps (1, 2) and
+    the PRTF runs; seeds never depend on the rank.
+    """
+    from spinifel.phasing.phase import phase
+
+    a = cfg.algorithm
+    seed = [cfg.runtime.seed, generation, 17] + ([stream] if stream else [])
+    rng = np.random.default_rng(seed)
+    # Phasing runs on the array module xp (on the GPU path, on the device), in float64 like
+    # the merge: single precision halves its time but cost 0.016 of density correlation on
+    # the demo (0.855 vs 0.871, same orientations), so it is not the default.
+    return phase(to_module(ac, xp, np.float64), n_loops=a.n_phase_loops, n_er=a.n_er,
+                 n_hio=a.n_hio, beta=a.hio_beta, sw_sigma=a.shrinkwrap_sigma,
+                 sw_threshold=a.shrinkwrap_threshold, n_final_er=a.n_final_er, rng=rng,
+                 rho0=None if chain is None else chain.density,
+                 support0=None if chain is None else chain.support,
+                 fourier_mask=fourier_mask)
+
+
+@dataclass
+class Assignment:
+    """Output of the orientation stage, input of the merge (this rank's images).
+
+    Attributes
+    ----------
+    orientations : ndarray (n_local, 4) float64
+        Orientation of each local image (host).
+    index : ndarray (n_local,) int64 or None
+        Grid index of each image's best match; None when nothing was matched
+        (generation 0, ``use_true_orientations``).
+    weights : ndarray or None
+        Reserved for a probabilistic stage (several orientations per image with weights);
+        None: one orientation per image with weight 1.
+    independent : bool
+        Each half set was matched against its own half map only.
+    """
+
+    orientations: np.ndarray
+    index: np.ndarray | None = None
+    weights: np.ndarray | None = None
+    independent: bool = False
+
+
+@dataclass
+class Merged:
+    """Output of the merge: the full map's :class:`~spinifel.merging.merge.MergeResult`
+    (autocorrelation on the host) and the half maps' autocorrelations (or None)."""
+
+    result: Any
+    halves: list[np.ndarray] | None = None
+
+
+@dataclass
+class Phased:
+    """One phasing job's output, on every rank: density (M, M, M) float64, support bool,
+    phased autocorrelation rescaled to the data (float64), the Fourier error (owner rank
+    only; None elsewhere)."""
+
+    density: np.ndarray
+    support: np.ndarray
+    phased_ac: np.ndarray
+    fourier_error: float | None
+
+
+@dataclass
+class StepReport:
+    """What a step hands to the handlers (every rank).
+
+    ``entry`` is the generation's metrics dict (``metrics.json``); ``orientations`` every
+    image's orientations in file order and ``intensity`` the merged intensity, both on
+    rank 0 only (None elsewhere); ``timings`` is ``entry["timings"]``.
+    """
+
+    generation: int
+    entry: dict
+    assignment: Assignment
+    converged: bool
+    last: bool
+    orientations: np.ndarray | None = None
+    intensity: np.ndarray | None = None
+    timings: dict = field(default_factory=dict)
+
+
+Handler = Callable[["MTIPSolver", StepReport], None]
+
+
+class MTIPSolver:
+    """M-TIP generations over a :class:`Problem` from a :class:`SolverState` (collective).
+
+    ``step()`` runs one generation: :meth:`orient`, :meth:`merge`, :meth:`phase`,
+    :meth:`advance`. ``evolve(handlers)`` steps while :attr:`proceed` and calls every
+    handler after each step on every rank.
+    """
+
+    def __init__(self, problem: Problem, state: SolverState) -> None:
+        self.problem = problem
+        self.state = state
+        self.cfg = problem.cfg
+        self.comm = problem.ctx.comm
+        self.timings: dict[str, float] = {}
+        M = self.cfg.algorithm.M
+        self._zeros = np.zeros((M, M, M))
+
+    # ---------------------------------------------------------------- control
+    @property
+    def generation(self) -> int:
+        """The generation the next step runs."""
+        return self.state.generation + 1
+
+    @property
+    def proceed(self) -> bool:
+        """False once the last generation ran or the run converged."""
+        return self.generation < self.cfg.algorithm.generations and not self.state.converged
+
+    def evolve(self, handlers: Iterable[Handler] = ()) -> None:
+        """Step until :attr:`proceed` is False, calling ``handlers`` after each step."""
+        handlers = list(handlers)
+        while self.proceed:
+            report = self.step()
+            for h in handlers:
+                h(self, report)
+
+    def step(self) -> StepReport:
+        """One generation: orient, merge, phase, advance (collective)."""
+        self.timings = {}
+        assignment = self.orient()
+        changed = self.orientation_change(assignment)
+        merged = self.merge(assignment)
+        phased = self.phase(merged)
+        return self.advance(assignment, merged, phased, changed)
+
+    # ---------------------------------------------------------------- stages
+    def orient(self) -> Assignment:
+        """Orientations of the local images against the current model (collective in the
+        distributed matching mode). Generation 0 and ``use_true_orientations`` keep the
+        state's orientations."""
+        p, a, g, st = self.problem, self.cfg.algorithm, self.generation, self.state
+        if g == 0 or a.use_true_orientations:
+            return Assignment(orientations=st.orientations)
+        xp = p.xp
+        sel = p.s_norm <= matching_resolution(g, a) * p.s_norm.max()
+        d_sel = to_module(sel, xp)
+        m_images = p.images if sel.all() else xp.ascontiguousarray(p.images[:, d_sel])
+        positions = p.d_positions[:, d_sel]
+        independent = (st.halves is not None and self.cfg.validation.half_sets == "independent"
+                       and g >= a.match_resolution_ramp and st.halves[0].phased_ac is not None)
+        if independent:
+            # Gold standard: each half is matched against its own half map only.
+            best = np.empty(p.n_local, dtype=np.int64)
+            quats = np.empty((p.n_local, 4))
+            for h, (mine, d_mine) in enumerate(p.half_rows):
+                best[mine], quats[mine] = self.assign_orientations(
+                    st.halves[h].phased_ac, m_images[d_mine], positions)
+        else:
+            best, quats = self.assign_orientations(st.full.phased_ac, m_images, positions)
+        m_images = None  # the slices' memory, before the merge's buffers
+        release_memory_pool(xp)
+        return Assignment(orientations=quats, index=best, independent=independent)
+
+    def orientation_change(self, assignment: Assignment) -> float:
+        """Fraction of all images whose grid match changed (collective; NaN if unknown)."""
+        prev = self.state.match_index
+        if assignment.index is None or prev is None:
+            return float("nan")
+        n_changed = np.array([float(np.count_nonzero(assignment.index != prev))])
+        return float(allreduce_sum(self.comm, n_changed)[0]) / self.problem.n_images
+
+    def assign_orientations(self, model_ac: np.ndarray, images: Any, positions: Any
+                            ) -> tuple[np.ndarray, np.ndarray]:
+        """Slice ``model_ac``, match ``images`` on the grid, refine off the grid if asked.
+
+        Collective in the distributed matching mode. Adds to the timings ("slicing",
+        "matching", "refinement"). Returns the grid indices ``(n,)`` and the orientations
+        ``(n, 4)`` on the host.
+        """
+        import time
+
+        p, a, timings = self.problem, self.cfg.algorithm, self.timings
+        t = time.perf_counter()
+        slicing_before = timings.get("slicing", 0.0)
+        slicer = Slicer(model_ac, positions, p.extent, a.nufft_eps_slicing, p.real,
+                        self.cfg.runtime.threads_per_rank)
+        match = self._match(images, model_ac, positions, slicer).to(np)  # host bookkeeping
+        timings["matching"] = (timings.get("matching", 0.0) + time.perf_counter() - t
+                               - (timings.get("slicing", 0.0) - slicing_before))
+        quats = p.grid[match.best_index]
+        if a.refine_rounds > 0 and self.generation >= a.generations - a.refine_generations:
+            from spinifel.geometry.orientations import grid_spacing
+
+            with StageTimer(timings, "refinement"):
+                quats, _ = refine_orientations(
+                    images, quats, slicer, 0.5 * grid_spacing(a.n_orientations),
+                    a.refine_rounds, a.scale_per_image, transform=a.match_transform,
+                    stencil=a.refine_stencil)
+        return match.best_index, quats
+
+    def _match(self, images: Any, model_ac: np.ndarray, positions: Any, slicer: Slicer):
+        """The grid search of :meth:`assign_orientations` (exhaustive, ring or coarse-to-fine)."""
+        p, a, timings = self.problem, self.cfg.algorithm, self.timings
+        if a.matching_mode == "distributed":
+            return match_distributed(self.comm, images, slicer, p.grid, p.orientation_batch,
+                                     a.scale_per_image, p.image_batch, a.match_transform, timings)
+        if a.search == "coarse_to_fine":
+            from spinifel.orientation.coarse_to_fine import match_with_config
+
+            match, c2f = match_with_config(images, model_ac, positions, p.extent, slicer, a,
+                                           p.real, self.cfg.runtime.threads_per_rank, timings)
+            log.info("coarse-to-fine search: %d distance evaluations, %.1fx fewer than "
+                     "exhaustive", c2f.evaluations, c2f.reduction)
+            return match
+        return match_orientations(images, _timed_batches(slicer, p.grid, p.orientation_batch,
+                                                         timings),
+                                  a.scale_per_image, p.image_batch, a.match_transform)
+
+    def merge(self, assignment: Assignment) -> Merged:
+        """Normal equations of the local images at ``assignment``'s orientations, summed
+        over the ranks, solved by CG with the L-curve's lambda (collective). Under half
+        sets, each half's equations separately (the full set's are their sum)."""
+        p, a, st, timings = self.problem, self.cfg.algorithm, self.state, self.timings
+        cuda_aware = self.cfg.runtime.cuda_aware_mpi
+        threads = self.cfg.runtime.threads_per_rank
+        quats = assignment.orientations
+
+        def equations(images: Any, q: np.ndarray):
+            return accumulate_normal_equations(self.comm, images, q, p.d_positions, p.extent,
+                                               a.M, None, a.nufft_eps_merge, threads,
+                                               p.image_batch, timings, cuda_aware)
+
+        half_eqs = None
+        if p.half_rows is None:
+            eq = equations(p.images, quats)
+        else:
+            half_eqs = [equations(p.images[d_mine], quats[mine]) for mine, d_mine in p.half_rows]
+            eq = add_normal_equations(*half_eqs)
+        x0 = self._zeros if st.full.phased_ac is None else st.full.phased_ac
+        x_init = x0 if st.full.merged_ac is None else st.full.merged_ac
+        res = merge(self.comm, eq, lambdas_rel=a.lambdas, x0=x0, x_init=x_init,
+                    support=p.support, max_iter=a.cg_max_iter, tol=a.cg_tol, nthreads=threads,
+                    timings=timings, cuda_aware_mpi=cuda_aware)
+        res.autocorrelation = to_host(res.autocorrelation)  # stage boundary: state on the host
+        eq = None
+        half_merged = None
+        if half_eqs is not None:
+            with StageTimer(timings, "half_sets"):
+                hx0 = [self._zeros if hs.phased_ac is None else hs.phased_ac for hs in st.halves]
+                half_merged = solve_each(
+                    self.comm, half_eqs, lam_rel=res.lam_rel, x0s=hx0,
+                    x_inits=[x if hs.merged_ac is None else hs.merged_ac
+                             for x, hs in zip(hx0, st.halves)],
+                    support=p.support, max_iter=a.cg_max_iter, tol=a.cg_tol, nthreads=threads)
+            half_eqs = None
+        release_memory_pool(p.xp)
+        return Merged(result=res, halves=half_merged)
+
+    def phase(self, merged: Merged) -> list[Phased]:
+        """Phase the full map on rank 0 and the half maps (if any) on ranks 1 and 2 (modulo
+        the rank count), concurrently; broadcast each from its owner (collective).
+        Returns the full map's :class:`Phased` first, then the halves'."""
+        p, st, g = self.problem, self.state, self.generation
+        rank, size = self.problem.ctx.rank, self.problem.ctx.size
+        with StageTimer(self.timings, "phasing"):
+            jobs = [(merged.result.autocorrelation, st.full, 0)]
+            if merged.halves is not None:
+                jobs += [(merged.halves[h], st.halves[h], h + 1) for h in (0, 1)]
+            done = [phase_chain(self.cfg, ac, chain, g, p.fourier_mask, stream, p.xp)
+                    if rank == stream % size else None for ac, chain, stream in jobs]
+            return [self._share(ph, ac, stream % size) for (ac, _, stream), ph in zip(jobs, done)]
+
+    def _share(self, ph: Any, data_ac: np.ndarray, owner: int) -> Phased:
+        """Broadcast one phasing result from ``owner``; rescale its autocorrelation."""
+        comm = self.comm
+        d = bcast_array(comm, None if ph is None else to_module(ph.density, np, np.float64), owner)
+        sp = bcast_array(comm, None if ph is None else to_module(ph.support, np, bool), owner)
+        pa = bcast_array(comm, None if ph is None else to_module(ph.autocorrelation, np,
+                                                                  np.float64), owner)
+        # Positivity and the support remove some power: put the phased model back on
+        # the data's scale (least squares over the measured shell) so that matching
+        # compares like with like; a model that is globally too bright or too dim
+        # biases the Euclidean distance towards dim or bright orientations.
+        pa *= model_scale(pa, data_ac, self.problem.fourier_mask)
+        return Phased(d, sp, pa, None if ph is None else float(ph.fourier_error))
+
+    def advance(self, assignment: Assignment, merged: Merged, phased: list[Phased],
+                changed: float) -> StepReport:
+        """New state from this generation's stages; the metrics entry for the handlers."""
+        p, a, g, old = self.problem, self.cfg.algorithm, self.generation, self.state
+        res, full = merged.result, phased[0]
+        halves, half_summary = old.halves, None
+        if merged.halves is not None:
+            halves = [ChainState(generation=g, merged_ac=merged.halves[h],
+                                 phased_ac=phased[h + 1].phased_ac, density=phased[h + 1].density,
+                                 support=phased[h + 1].support) for h in (0, 1)]
+            if p.ctx.rank == 0:
+                from spinifel.validation.halves import half_map_fsc
+
+                with StageTimer(self.timings, "half_sets"):
+                    half_summary = half_map_fsc(halves[0].density, halves[1].density,
+                                                p.voxel_angstrom)
+                    half_summary["mode"] = "independent" if assignment.independent else "shared"
+        density_change = float("nan")
+        if old.full.density is not None:
+            den = np.linalg.norm(old.full.density)
+            density_change = (float(np.linalg.norm(full.density - old.full.density) / den)
+                              if den > 0 else float("nan"))
+        converged = (g > 0 and a.orientation_change_tol > 0 and a.density_change_tol > 0
+                     and changed < a.orientation_change_tol
+                     and density_change < a.density_change_tol)
+        self.state = SolverState(
+            generation=g, orientations=assignment.orientations,
+            match_index=old.match_index if assignment.index is None else assignment.index,
+            full=ChainState(generation=g, merged_ac=res.autocorrelation,
+                            phased_ac=full.phased_ac, density=full.density,
+                            support=full.support),
+            halves=halves, converged=converged)
+        entry = {"generation": g, "timings": self.timings,
+                 "cg_iterations": res.cg_iterations[res.index], "lambda": res.lam,
+                 "lambda_rel": res.lam_rel, "lcurve": {"lambdas_rel": res.lambdas_rel,
+                                                      "residual_norms": res.residual_norms,
+                                                      "solution_norms": res.solution_norms},
+                 "orientation_change": changed, "density_change": density_change,
+                 "fourier_error": full.fourier_error}
+        if half_summary is not None:
+            entry["half_set"] = half_summary
+        return self._report(entry, assignment)
+
+    def _report(self, entry: dict, assignment: Assignment) -> StepReport:
+        """Gather every image's orientations (file order) on rank 0 (collective)."""
+        st = self.state
+        all_q = gather_objects(self.comm, st.orientations)
+        report = StepReport(generation=st.generation, entry=entry, assignment=assignment,
+                            converged=st.converged,
+                            last=st.generation == self.cfg.algorithm.generations - 1
+                            or st.converged, timings=self.timings)
+        if self.problem.ctx.rank == 0:
+            report.orientations = np.concatenate(all_q, axis=0)
+            report.intensity = intensity_from_autocorrelation(st.full.merged_ac)
+        return report
+
+
+def _timed_batches(slicer: Slicer, grid: np.ndarray, batch: int, timings: dict):
+    """Slice batches for matching, accumulating the slicing time separately."""
+    for start in range(0, len(grid), batch):
+        with StageTimer(timings, "slicing"):
+            s = slicer.slices(grid[start:start + batch])
+        yield start, s
