@@ -630,18 +630,25 @@ def read_shard(
                 p, images_name, n_clipped, start, stop,
             )
 
-        orientations = None
-        if info.has_orientations:
-            q_name = info.orientations_dataset or ORIENTATIONS
-            q = np.asarray(f[q_name][start:stop], dtype=np.float64).reshape(stop - start, 4)
-            norm = np.linalg.norm(q, axis=1)
-            bad = ~np.isfinite(norm) | (np.abs(norm - 1) > _QUATERNION_NORM_TOL)
-            if bad.any():
-                i = int(np.argmax(bad))
-                raise DatasetError(
-                    p, q_name,
-                    f"row {start + i}: expected a finite unit quaternion [w, x, y, z], "
-                    f"found norm {norm[i]}",
-                )
-            orientations = q / norm[:, None]
+        orientations = _read_orientations(f, p, info, start, stop)
     return ImageShard(start=start, stop=stop, images=images, orientations=orientations)
+
+
+def _read_orientations(f: h5py.File, p: Path, info: DatasetInfo, start: int, stop: int
+                       ) -> np.ndarray | None:
+    """Rows ``[start, stop)`` of the ground-truth quaternions, normalised, ``(n, 4)``
+    float64; None when the file has none. DatasetError for a non-finite or non-unit one."""
+    if not info.has_orientations:
+        return None
+    q_name = info.orientations_dataset or ORIENTATIONS
+    q = np.asarray(f[q_name][start:stop], dtype=np.float64).reshape(stop - start, 4)
+    norm = np.linalg.norm(q, axis=1)
+    bad = ~np.isfinite(norm) | (np.abs(norm - 1) > _QUATERNION_NORM_TOL)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise DatasetError(
+            p, q_name,
+            f"row {start + i}: expected a finite unit quaternion [w, x, y, z], "
+            f"found norm {norm[i]}",
+        )
+    return q / norm[:, None]

@@ -389,24 +389,9 @@ def match_coarse_to_fine(images: np.ndarray, slicer, coarse_slicer, coarse_pixel
         for c in chunk:
             a0, a1 = group_of[c]
             nb = indices[indptr[c]:indptr[c + 1]]
-            if len(nb) == 0:
-                continue
             rows_y = np.searchsorted(need, nb)
-            yc, yc_sq = y[rows_y], y_sq[rows_y]
-            group = img[a0:a1]
-            fine_evals += len(group) * len(nb)
-            for g0 in range(0, len(group), image_batch):
-                rows = group[g0:g0 + image_batch]
-                dist, scale = _pair_distances(x[rows] @ yc.T, x_sq[rows], yc_sq, scale_per_image)
-                j = np.argmin(dist, axis=1)  # nb ascending: ties -> lower fine index
-                r = np.arange(len(rows))
-                d, gidx = dist[r, j], nb[j]
-                sc = scale[r, j] if scale is not None else np.ones(len(rows))
-                cur_d, cur_i = state.best_dist[rows], state.best_index[rows]
-                better = (d < cur_d) | ((d == cur_d) & (gidx < cur_i))
-                state.best_index[rows[better]] = gidx[better]
-                state.best_dist[rows[better]] = d[better]
-                state.best_scale[rows[better]] = sc[better]
+            fine_evals += _fine_pass(state, img[a0:a1], nb, x, x_sq, y[rows_y], y_sq[rows_y],
+                                     scale_per_image, image_batch)
         tm["fine_matching"] += time.perf_counter() - t
         del y
     stats.fine_evaluations = int(fine_evals)
@@ -418,6 +403,29 @@ def match_coarse_to_fine(images: np.ndarray, slicer, coarse_slicer, coarse_pixel
         raise ValueError(f"{int(lost.sum())} images found no fine orientation: the neighbour "
                          "radius is too small for the coarse grid")
     return state, stats
+
+
+def _fine_pass(state: MatchState, group: np.ndarray, nb: np.ndarray, x: np.ndarray,
+               x_sq: np.ndarray, yc: np.ndarray, yc_sq: np.ndarray, scale_per_image: bool,
+               image_batch: int) -> int:
+    """Match the images ``group`` (rows of ``x``) against the fine slices ``yc`` of the
+    fine orientations ``nb`` (ascending), one GEMM per image batch; update ``state`` where
+    better (ties to the lower fine index). Returns the distance evaluations done."""
+    if len(nb) == 0:
+        return 0
+    for g0 in range(0, len(group), image_batch):
+        rows = group[g0:g0 + image_batch]
+        dist, scale = _pair_distances(x[rows] @ yc.T, x_sq[rows], yc_sq, scale_per_image)
+        j = np.argmin(dist, axis=1)  # nb ascending: ties -> lower fine index
+        r = np.arange(len(rows))
+        d, gidx = dist[r, j], nb[j]
+        sc = scale[r, j] if scale is not None else np.ones(len(rows))
+        cur_d, cur_i = state.best_dist[rows], state.best_index[rows]
+        better = (d < cur_d) | ((d == cur_d) & (gidx < cur_i))
+        state.best_index[rows[better]] = gidx[better]
+        state.best_dist[rows[better]] = d[better]
+        state.best_scale[rows[better]] = sc[better]
+    return len(group) * len(nb)
 
 
 def _chunks(rows: np.ndarray, indptr: np.ndarray, indices: np.ndarray, fine_grid: np.ndarray,

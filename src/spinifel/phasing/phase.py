@@ -162,10 +162,9 @@ def phase(
         intensity (nothing to phase).
     """
     _check_grid("ac", ac)
-    n_loops = _check_count("n_loops", n_loops)
-    n_er = _check_count("n_er", n_er)
-    n_hio = _check_count("n_hio", n_hio)
-    n_final_er = _check_count("n_final_er", n_final_er)
+    n_loops, n_er, n_hio, n_final_er = (
+        _check_count(name, v) for name, v in
+        (("n_loops", n_loops), ("n_er", n_er), ("n_hio", n_hio), ("n_final_er", n_final_er)))
     if not 0.0 < beta <= 1.0:
         raise ValueError(f"beta must be in (0, 1], got {beta}")
     _check_shrinkwrap_args(sw_sigma, sw_threshold, sw_mode)
@@ -179,26 +178,11 @@ def phase(
             f"ac has no positive finite intensity to phase (||amplitudes|| = {amp_norm})"
         )
 
-    if support0 is None:
-        support = support_from_autocorrelation(ac, support_fraction, support_scale)
-    else:
-        _check_same_shape("support0", support0, "ac", ac)
-        support = asarray_like(support0, ac, dtype=bool)
-    if rho0 is None:
-        start = rng.random(ac.shape).astype(dtype)
-        rho = asarray_like(start, ac) * support
-    else:
-        _check_same_shape("rho0", rho0, "ac", ac)
-        rho = asarray_like(rho0, ac, dtype=dtype).copy()
+    rho, support = _starting_point(ac, rho0, support0, rng, support_fraction, support_scale)
 
     amp_half = _half(amplitudes)
     weights = _half_weights(ac.shape, xp, dtype)
-    known = None
-    if fourier_mask is not None:
-        _check_same_shape("fourier_mask", fourier_mask, "ac", ac)
-        known = _half(xp.fft.ifftshift(asarray_like(fourier_mask, ac, dtype=bool)))
-        weights = weights * known
-        amp_norm = float(xp.linalg.norm(xp.where(xp.fft.ifftshift(asarray_like(fourier_mask, ac, dtype=bool)), amplitudes, 0).ravel()))
+    known, weights, amp_norm = _measured(fourier_mask, ac, amplitudes, weights, amp_norm)
     misfits: list[Any] = []
     empty_flags: list[Any] = []
     for _ in range(n_loops):
@@ -209,19 +193,9 @@ def phase(
         empty_flags.append(empty)
     rho = _er_iterations(rho, amp_half, support, weights, n_final_er, misfits, known)
 
-    if empty_flags:
-        n_empty = int(to_host(xp.sum(xp.stack(empty_flags))))
-        if n_empty:
-            warnings.warn(
-                f"shrinkwrap produced an empty support in {n_empty} of {n_loops} loops; "
-                "the previous support was kept",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-    if misfits:
-        history = (to_host(xp.sqrt(xp.stack(misfits))) / amp_norm).astype(float).tolist()
-    else:
-        history = []
+    _warn_empty_supports(empty_flags, n_loops, xp)
+    history = ((to_host(xp.sqrt(xp.stack(misfits))) / amp_norm).astype(float).tolist()
+               if misfits else [])
     if center:
         rho, support = _center(rho, support)
     return PhaseResult(
@@ -232,3 +206,50 @@ def phase(
                        float(history[-1]) if history else float("nan")),
         history=history,
     )
+
+
+def _starting_point(ac: Any, rho0: Any, support0: Any, rng: Any, support_fraction: float,
+                    support_scale: float) -> tuple[Any, Any]:
+    """``(rho, support)`` to start from: the given ones (copied), else a support from the
+    autocorrelation and a uniform random density on it (``rng``), in ``ac``'s dtype/module."""
+    if support0 is None:
+        support = support_from_autocorrelation(ac, support_fraction, support_scale)
+    else:
+        _check_same_shape("support0", support0, "ac", ac)
+        support = asarray_like(support0, ac, dtype=bool)
+    if rho0 is None:
+        start = rng.random(ac.shape).astype(ac.dtype)
+        rho = asarray_like(start, ac) * support
+    else:
+        _check_same_shape("rho0", rho0, "ac", ac)
+        rho = asarray_like(rho0, ac, dtype=ac.dtype).copy()
+    return rho, support
+
+
+def _warn_empty_supports(empty_flags: list, n_loops: int, xp: Any) -> None:
+    """One RuntimeWarning when shrinkwrap emptied the support in some loops."""
+    if not empty_flags:
+        return
+    n_empty = int(to_host(xp.sum(xp.stack(empty_flags))))
+    if n_empty:
+        warnings.warn(
+            f"shrinkwrap produced an empty support in {n_empty} of {n_loops} loops; "
+            "the previous support was kept",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _measured(fourier_mask: Any, ac: Any, amplitudes: Any, weights: Any, amp_norm: float
+              ) -> tuple[Any, Any, float]:
+    """``(known, weights, amp_norm)`` restricted to the measured coefficients: the mask on
+    the half-spectrum (None without a mask), the weights times it and the amplitudes' norm
+    over it (unchanged without a mask)."""
+    if fourier_mask is None:
+        return None, weights, amp_norm
+    _check_same_shape("fourier_mask", fourier_mask, "ac", ac)
+    xp = get_array_module(ac)
+    known = _half(xp.fft.ifftshift(asarray_like(fourier_mask, ac, dtype=bool)))
+    measured = xp.fft.ifftshift(asarray_like(fourier_mask, ac, dtype=bool))
+    amp_norm = float(xp.linalg.norm(xp.where(measured, amplitudes, 0).ravel()))
+    return known, weights * known, amp_norm

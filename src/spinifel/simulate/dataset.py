@@ -207,6 +207,18 @@ def _everywhere(err: Exception) -> Exception:
     return err
 
 
+def _check_everywhere(path: str | os.PathLike, *params: Any) -> Path:
+    """:func:`_check_params` and the output directory, raised on every rank; ``Path(path)``."""
+    try:
+        _check_params(*params)
+    except ConfigError as exc:
+        raise _everywhere(exc) from None
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise _everywhere(OutputError(f"{path}: output directory {path.parent} does not exist"))
+    return path
+
+
 def _check_params(n_images: int, n_pixels: int, photons_per_image: float | None,
                   fluence_jitter: float, beamstop_radius_px: float, M: int, batch: int,
                   orientations: np.ndarray | None, structure: Structure) -> None:
@@ -305,14 +317,8 @@ def simulate_dataset(path: str | os.PathLike, structure: Structure, *, n_images:
     t0 = time.perf_counter()
     comm = SerialComm() if comm is None else comm
     rank, size = int(comm.Get_rank()), int(comm.Get_size())
-    try:
-        _check_params(n_images, n_pixels, photons_per_image, fluence_jitter,
-                      beamstop_radius_px, M, batch, orientations, structure)
-    except ConfigError as exc:
-        raise _everywhere(exc) from None
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise _everywhere(OutputError(f"{path}: output directory {path.parent} does not exist"))
+    path = _check_everywhere(path, n_images, n_pixels, photons_per_image, fluence_jitter,
+                             beamstop_radius_px, M, batch, orientations, structure)
     n_images, n_pixels, M = int(n_images), int(n_pixels), int(M)
 
     wavelength = det.photon_energy_to_wavelength(photon_energy_ev)
@@ -321,53 +327,27 @@ def simulate_dataset(path: str | os.PathLike, structure: Structure, *, n_images:
     reciprocal_extent = float(np.linalg.norm(pos, axis=-1).max())
     sim = ImageSimulator(structure, pos, mask, eps=eps, workers=workers)
 
-    # Photon scale from a fixed orientation quadrature: identical on every rank.
-    scale = None
-    if photons_per_image is not None:
-        ref = sim.noise_free(orientation_grid(N_SCALE_ORIENTATIONS)).sum(axis=1).mean()
-        if not ref > 0:
-            raise _everywhere(ConfigError("simulate: the noise-free images are all zero "
-                                          "(every pixel masked?)"))
-        scale = float(photons_per_image) / float(ref)
+    scale = _photon_scale(sim, photons_per_image)
 
     tmp = path.with_name(path.name + ".partial")
     start, stop = block_range(n_images, size, rank)
     n_steps = -(-max(block_sizes(n_images, size)) // int(batch))
-    h5 = None
-    totals: list[np.ndarray] = []
+    h5, totals = None, []
     try:
-        failure = None
-        if rank == 0:
-            try:
-                h5 = _create_file(tmp, structure, n_images=n_images, pos=pos, mask=mask, M=M,
-                                  reciprocal_extent=reciprocal_extent, seed=seed,
-                                  pixel_size_m=pixel_size_m, distance_m=distance_m,
-                                  photon_energy_ev=photon_energy_ev, wavelength=wavelength,
-                                  photons_per_image=photons_per_image,
-                                  fluence_jitter=fluence_jitter,
-                                  beamstop_radius_px=beamstop_radius_px,
-                                  scale=1.0 if scale is None else scale, eps=eps)
-            except OutputError as exc:
-                failure = str(exc)
-        # Tell every rank whether the file could be created, so none waits in vain.
-        failure = bcast_object(comm, failure)
-        if failure is not None:
-            raise _everywhere(OutputError(failure))
+        h5 = _create_everywhere(
+            comm, tmp, structure, n_images=n_images, pos=pos, mask=mask, M=M,
+            reciprocal_extent=reciprocal_extent, seed=seed, pixel_size_m=pixel_size_m,
+            distance_m=distance_m, photon_energy_ev=photon_energy_ev, wavelength=wavelength,
+            photons_per_image=photons_per_image, fluence_jitter=fluence_jitter,
+            beamstop_radius_px=beamstop_radius_px, scale=1.0 if scale is None else scale,
+            eps=eps)
         for step in range(n_steps):
             a = min(start + step * int(batch), stop)
             b = min(a + int(batch), stop)
             result = (a, *sim.images(a, b, seed=seed, scale=scale,
                                      fluence_jitter=fluence_jitter,
                                      orientations=orientations))
-            gathered = gather_objects(comm, result)
-            if rank == 0:
-                for a_r, img, q, fl in gathered:
-                    b_r = a_r + img.shape[0]
-                    if b_r > a_r:
-                        h5["intensities"][a_r:b_r] = img.reshape((-1,) + pos.shape[:-1])
-                        h5["orientations"][a_r:b_r] = q
-                        h5["fluences"][a_r:b_r] = fl
-                        totals.append(img.sum(axis=1, dtype=np.float64))
+            _write_gathered(h5, gather_objects(comm, result), pos.shape[:-1], totals)
         if rank == 0:
             h5.close()
             h5 = None
@@ -381,28 +361,83 @@ def simulate_dataset(path: str | os.PathLike, structure: Structure, *, n_images:
 
     summary = None
     if rank == 0:
-        seconds = time.perf_counter() - t0
-        edge, corner = det.resolution_angstrom(pos)
-        summary = {
-            "path": str(path),
-            "n_images": n_images,
-            "det_shape": tuple(int(x) for x in pos.shape[:-1]),
-            "n_ranks": size,
-            "seconds": seconds,
-            "images_per_second": n_images / seconds if seconds > 0 else float("inf"),
-            "resolution_edge_angstrom": edge,
-            "resolution_corner_angstrom": corner,
-            "reciprocal_extent": reciprocal_extent,
-            "voxel_size_angstrom": voxel_size_angstrom(reciprocal_extent),
-            "M": M,
-            "wavelength_m": wavelength,
-            "photons_per_image": photons_per_image,
-            "mean_photons": float(np.concatenate(totals).mean()),
-            "intensity_scale": 1.0 if scale is None else scale,
-            "structure_name": structure.name,
-            "n_atoms": structure.n_atoms,
-        }
+        summary = _summary(path, structure, pos, n_images=n_images, n_ranks=size, t0=t0,
+                           reciprocal_extent=reciprocal_extent, M=M, wavelength=wavelength,
+                           photons_per_image=photons_per_image, totals=totals, scale=scale)
     return bcast_object(comm, summary)
+
+
+def _photon_scale(sim: Any, photons_per_image: float | None) -> float | None:
+    """Intensity factor giving ``photons_per_image`` on average (None: noise-free).
+
+    From a fixed orientation quadrature, so identical on every rank.
+    """
+    if photons_per_image is None:
+        return None
+    ref = sim.noise_free(orientation_grid(N_SCALE_ORIENTATIONS)).sum(axis=1).mean()
+    if not ref > 0:
+        raise _everywhere(ConfigError("simulate: the noise-free images are all zero "
+                                      "(every pixel masked?)"))
+    return float(photons_per_image) / float(ref)
+
+
+def _write_gathered(h5: Any, gathered: list | None, det_shape: tuple, totals: list) -> None:
+    """Rank 0: write every rank's ``(start, images, orientations, fluences)`` batch into
+    the open file ``h5``; append each image's total to ``totals``. No-op elsewhere
+    (``gathered`` is None)."""
+    if gathered is None:
+        return
+    for a_r, img, q, fl in gathered:
+        b_r = a_r + img.shape[0]
+        if b_r > a_r:
+            h5["intensities"][a_r:b_r] = img.reshape((-1,) + tuple(det_shape))
+            h5["orientations"][a_r:b_r] = q
+            h5["fluences"][a_r:b_r] = fl
+            totals.append(img.sum(axis=1, dtype=np.float64))
+
+
+def _summary(path: Path, structure: Structure, pos: np.ndarray, *, n_images: int,
+             n_ranks: int, t0: float, reciprocal_extent: float, M: int, wavelength: float,
+             photons_per_image: float | None, totals: list, scale: float | None) -> dict:
+    """The summary :func:`simulate_dataset` returns (built on rank 0)."""
+    size = n_ranks
+    seconds = time.perf_counter() - t0
+    edge, corner = det.resolution_angstrom(pos)
+    return {
+        "path": str(path),
+        "n_images": n_images,
+        "det_shape": tuple(int(x) for x in pos.shape[:-1]),
+        "n_ranks": size,
+        "seconds": seconds,
+        "images_per_second": n_images / seconds if seconds > 0 else float("inf"),
+        "resolution_edge_angstrom": edge,
+        "resolution_corner_angstrom": corner,
+        "reciprocal_extent": reciprocal_extent,
+        "voxel_size_angstrom": voxel_size_angstrom(reciprocal_extent),
+        "M": M,
+        "wavelength_m": wavelength,
+        "photons_per_image": photons_per_image,
+        "mean_photons": float(np.concatenate(totals).mean()),
+        "intensity_scale": 1.0 if scale is None else scale,
+        "structure_name": structure.name,
+        "n_atoms": structure.n_atoms,
+    }
+
+
+def _create_everywhere(comm: Any, tmp: Path, structure: Structure, **kwargs: Any) -> Any:
+    """Rank 0 creates the file (:func:`_create_file`, returns the open h5py file; None
+    elsewhere); every rank learns whether it could, so none waits in vain (collective).
+    OutputError on every rank when it could not."""
+    failure, h5 = None, None
+    if comm.Get_rank() == 0:
+        try:
+            h5 = _create_file(tmp, structure, **kwargs)
+        except OutputError as exc:
+            failure = str(exc)
+    failure = bcast_object(comm, failure)
+    if failure is not None:
+        raise _everywhere(OutputError(failure))
+    return h5
 
 
 def _create_file(tmp: Path, structure: Structure, *, n_images: int, pos: np.ndarray,
