@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine (Python >= 3.10 with venv, no MPI needed):
 #   make demo   -> local virtual environment, install, reconstruct the built-in demo molecule
-#   make test   -> local virtual environment, install, serial tests + MPI tests on 2 ranks
+#   make test   -> local virtual environment, install, lint (ruff), serial tests + MPI tests on 2 ranks
 PYTHON ?= python3
 VENV   ?= .venv
 NP     ?= 2
@@ -8,7 +8,7 @@ DEMO_ARGS ?=
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-serial test-mpi test-slow venv clean
+.PHONY: demo test lint test-serial test-mpi test-slow venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,10 @@ demo: $(STAMP)
 	$(BIN)/mpiexec -n $(NP) $(BIN)/spinifel-mpi demo --out demo_out --overwrite $(DEMO_ARGS)
 
 test: $(STAMP)
-	$(MAKE) test-serial test-mpi
+	$(MAKE) lint test-serial test-mpi
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests
 
 test-serial: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -3,6 +3,13 @@
 import numpy as np
 import pytest
 
+from spinifel.geometry.orientations import (
+    angle_between,
+    grid_spacing,
+    multiply,
+    orientation_grid,
+    random_quaternions,
+)
 from spinifel.orientation.coarse_to_fine import (
     coarse_pixel_selection,
     grid_neighbours,
@@ -13,16 +20,9 @@ from spinifel.orientation.coarse_to_fine import (
     twin_axis,
     twin_rotation,
 )
-from spinifel.geometry.orientations import (
-    angle_between,
-    grid_spacing,
-    multiply,
-    orientation_grid,
-    random_quaternions,
-)
 from spinifel.orientation.matching import match_orientations
-from spinifel.phasing.algorithms import autocorrelation_from_density
 from spinifel.orientation.slicing import Slicer
+from spinifel.phasing.algorithms import autocorrelation_from_density
 
 
 def _batches(slices, batch):

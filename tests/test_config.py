@@ -1,13 +1,19 @@
 """Config: defaults, unknown keys, types, --set, ${VAR} expansion."""
 
 import re
-import tomllib
 from dataclasses import fields
 
 import pytest
+import tomllib
 
-from spinifel.config import (Config, build_config, default_dict, defaults_text, load_config,
-                             parse_override)
+from spinifel.config import (
+    Config,
+    build_config,
+    default_dict,
+    defaults_text,
+    load_config,
+    parse_override,
+)
 from spinifel.errors import ConfigError
 
 

@@ -367,7 +367,7 @@ def _gpu():
 
 def _cufinufft():
     try:
-        import cufinufft
+        import cufinufft  # noqa: F401 - availability probe
 
         return True
     except Exception:
@@ -573,11 +573,11 @@ def test_gpu_branches_on_two_ranks_match_numpy(monkeypatch):
 
     import fake_cupy
     from spinifel.geometry.orientations import orientation_grid
-    from spinifel.orientation.matching import match_distributed, match_orientations
     from spinifel.merging.merge import accumulate_normal_equations, merge
+    from spinifel.orientation.matching import match_distributed, match_orientations
+    from spinifel.orientation.slicing import Slicer
     from spinifel.parallel.partition import block_range
     from spinifel.phasing.algorithms import autocorrelation_from_density
-    from spinifel.orientation.slicing import Slicer
 
     comm = MPI.COMM_WORLD
     rng = np.random.default_rng(9)

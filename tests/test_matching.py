@@ -5,8 +5,8 @@ import pytest
 
 from spinifel.geometry.orientations import orientation_grid
 from spinifel.orientation.matching import match_orientations
-from spinifel.phasing.algorithms import autocorrelation_from_density
 from spinifel.orientation.slicing import Slicer
+from spinifel.phasing.algorithms import autocorrelation_from_density
 
 
 def _batches(slices, batch):

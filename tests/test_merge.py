@@ -5,10 +5,10 @@ import pytest
 
 from spinifel.geometry.orientations import random_quaternions
 from spinifel.merging.merge import accumulate_normal_equations, ball_support, merge
+from spinifel.orientation.slicing import Slicer
 from spinifel.parallel.context import SerialComm
 from spinifel.parallel.partition import block_range
 from spinifel.phasing.algorithms import autocorrelation_from_density
-from spinifel.orientation.slicing import Slicer
 
 
 def _problem(seed=0, M=17, n_images=60, n1=14):

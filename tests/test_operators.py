@@ -5,9 +5,9 @@ import pytest
 
 from spinifel.backend.nufft import Type1, Type2
 from spinifel.geometry.orientations import random_quaternions
-from spinifel.merging.operator import ToeplitzNormalOperator, adjoint_to_grid, kernel_spectrum
-from spinifel.merging.merge import ball_support
 from spinifel.geometry.points import rotated_points
+from spinifel.merging.merge import ball_support
+from spinifel.merging.operator import ToeplitzNormalOperator, adjoint_to_grid, kernel_spectrum
 from spinifel.orientation.slicing import Slicer
 
 

@@ -15,11 +15,14 @@ from spinifel.geometry import detector as det
 from spinifel.geometry.orientations import multiply, quaternion_to_matrix, random_quaternions
 from spinifel.simulate import dataset as ds
 from spinifel.simulate.formfactors import atomic_number, form_factor, it92_coefficients
-from spinifel.simulate.scatter import (StructureFactorPlan, structure_factor,
-                                       structure_factor_direct)
+from spinifel.simulate.scatter import StructureFactorPlan, structure_factor, structure_factor_direct
 from spinifel.simulate.structure import Structure, builtin_molecule, load_structure
-from spinifel.simulate.truth import (grid_structure_factor, reciprocal_grid_axis,
-                                     render_ground_truth, voxel_size_angstrom)
+from spinifel.simulate.truth import (
+    grid_structure_factor,
+    reciprocal_grid_axis,
+    render_ground_truth,
+    voxel_size_angstrom,
+)
 
 F32 = np.finfo(np.float32).eps
 

@@ -29,12 +29,12 @@ import scipy.fft
 
 from spinifel.backend.nufft import Type1, Type2
 from spinifel.geometry.orientations import orientation_grid, random_quaternions
-from spinifel.orientation.matching import match_orientations
-from spinifel.merging.merge import accumulate_normal_equations, ball_support, merge
-from spinifel.phasing.algorithms import autocorrelation_from_density
 from spinifel.geometry.points import rotated_points
+from spinifel.merging.merge import accumulate_normal_equations, ball_support, merge
+from spinifel.orientation.matching import match_orientations
 from spinifel.orientation.slicing import Slicer
 from spinifel.parallel.collectives import barrier
+from spinifel.phasing.algorithms import autocorrelation_from_density
 
 
 def _clock(fn, repeat: int = 1) -> float:
@@ -85,6 +85,7 @@ def search_bench(images: np.ndarray, slicer: Slicer, ac: np.ndarray, positions: 
     matching of the whole grid), the distance evaluations of both, their ratio, and the
     fraction of images that get the same fine orientation.
     """
+    from spinifel.geometry.orientations import grid_spacing
     from spinifel.orientation.coarse_to_fine import (
         coarse_pixel_selection,
         default_coarse_size,
@@ -92,7 +93,6 @@ def search_bench(images: np.ndarray, slicer: Slicer, ac: np.ndarray, positions: 
         search_lists,
         twin_axis,
     )
-    from spinifel.geometry.orientations import grid_spacing
 
     kc = coarse_n_orientations or default_coarse_size(len(grid))
     coarse = orientation_grid(kc)

@@ -5,7 +5,11 @@ shift alignment, rotation search), ``fsc`` (FSC, resolution, correlations), ``pl
 (PNG figures) and ``report`` (:func:`evaluate_arrays`, :func:`evaluate_result`).
 """
 
-from spinifel.evaluate.report import (GroundTruth, evaluate_arrays, evaluate_result,
-                                      load_ground_truth)
+from spinifel.evaluate.report import (
+    GroundTruth,
+    evaluate_arrays,
+    evaluate_result,
+    load_ground_truth,
+)
 
 __all__ = ["GroundTruth", "evaluate_arrays", "evaluate_result", "load_ground_truth"]

@@ -26,12 +26,12 @@ import numpy as np
 
 from spinifel.backend.arrays import get_array_module, to_host, to_module
 from spinifel.backend.nufft import Type1
+from spinifel.geometry.points import rotated_points
 from spinifel.merging.cg import conjugate_gradient
 from spinifel.merging.lcurve import lcurve_corner
 from spinifel.merging.operator import ToeplitzNormalOperator, kernel_spectrum
 from spinifel.parallel.collectives import allgather_objects, allreduce_sum, bcast_array
 from spinifel.parallel.partition import round_robin
-from spinifel.geometry.points import rotated_points
 
 log = logging.getLogger("spinifel")
 

@@ -26,7 +26,12 @@ import numpy as np
 from spinifel.backend.arrays import to_host, to_module
 from spinifel.backend.select import release_memory_pool
 from spinifel.config import Config
-from spinifel.merging.merge import accumulate_normal_equations, add_normal_equations, merge, solve_each
+from spinifel.merging.merge import (
+    accumulate_normal_equations,
+    add_normal_equations,
+    merge,
+    solve_each,
+)
 from spinifel.orientation.matching import (
     match_distributed,
     match_orientations,

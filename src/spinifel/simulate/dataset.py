@@ -56,12 +56,15 @@ from typing import Any
 import numpy as np
 
 from spinifel import __version__
-from spinifel.parallel.context import SerialComm
 from spinifel.errors import ConfigError, OutputError
 from spinifel.geometry import detector as det
-from spinifel.geometry.orientations import (orientation_grid, quaternion_to_matrix,
-                                            random_quaternions)
+from spinifel.geometry.orientations import (
+    orientation_grid,
+    quaternion_to_matrix,
+    random_quaternions,
+)
 from spinifel.parallel.collectives import bcast_object, gather_objects
+from spinifel.parallel.context import SerialComm
 from spinifel.parallel.partition import block_range, block_sizes
 from spinifel.simulate.formfactors import form_factor
 from spinifel.simulate.scatter import StructureFactorPlan
