@@ -60,15 +60,13 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    from spinifel.parallel.context import init_mpi, world
+    from spinifel.parallel.context import ParallelContext, init_mpi, world
 
     if args._needs_mpi:
         init_mpi()
     rank, size, comm = world()
     setup_logging(rank, size, verbose=args.verbose, quiet=args.quiet)
     if comm is not None and size > 1:
-        from spinifel.parallel.context import ParallelContext
-
         ParallelContext(comm=comm).install_excepthook()
     try:
         return int(args._module.main(args) or 0)
@@ -78,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             prefix = f"[rank {rank}/{size}] " if size > 1 else ""
             print(f"spinifel-mpi: error: {prefix}{e}", file=sys.stderr, flush=True)
         if size > 1 and not collective:
-            comm.Abort(e.exit_code)
+            ParallelContext(comm=comm).abort(e.exit_code)
         return e.exit_code
     except BrokenPipeError:
         # `spinifel-mpi info x.h5 --json | head`: the reader went away; not an error of ours.
@@ -89,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except KeyboardInterrupt:
         if size > 1:
-            comm.Abort(130)
+            ParallelContext(comm=comm).abort(130)
         return 130
 
 
