@@ -94,3 +94,46 @@ def test_previous_result_is_refused(tmp_path, capsys, rng):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "result.h5" in err[-1]
     assert (out / "result.h5").read_bytes() == b"previous"
+
+
+def test_half_sets_with_too_few_images_refused(tmp_path, capsys, rng):
+    """Catches the refusal of half sets on < 4 images raising NameError (ConfigError was
+    used without being imported) or a traceback instead of one line and exit code 2."""
+    path = tmp_path / "d.h5"
+    write_dataset(path, n_images=3, rng=rng)
+    out = tmp_path / "out"
+    code = main(["run", "--set", f"data.path={path}", "--out", str(out),
+                 "--set", "validation.half_sets=shared", "--set", "algorithm.M=15",
+                 "--set", "algorithm.n_orientations=20"])
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    assert code == 2 and len(err) == 1, err
+    assert "validation.half_sets" in err[0] and "4 images" in err[0], err[0]
+    assert not (out / "result.h5").exists()
+
+
+def test_coarse_to_fine_on_gpu_refused(tmp_path, capsys, rng, monkeypatch):
+    """Catches the coarse-to-fine + GPU refusal raising NameError (the bug) or running:
+    through the CLI with the stand-in CuPy, one line and exit code 2."""
+    import fake_cupy
+
+    fake_cupy.install(monkeypatch)
+    path = tmp_path / "d.h5"
+    write_dataset(path, n_images=8, rng=rng)
+    code = main(["run", "--set", f"data.path={path}", "--out", str(tmp_path / "out"),
+                 "--set", "runtime.backend=cupy", "--set", "algorithm.search=coarse_to_fine",
+                 "--set", "algorithm.M=15", "--set", "algorithm.n_orientations=20"])
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    assert code == 2 and len(err) == 1, err
+    assert "algorithm.search" in err[0] and "coarse_to_fine" in err[0], err[0]
+
+
+def test_backend_check_directly():
+    """Catches check_backend_config refusing the CPU path or accepting the GPU one."""
+    from spinifel.config import load_config
+    from spinifel.errors import ConfigError
+    from spinifel.pipeline.problem import check_backend_config
+
+    cfg = load_config(None, (), {"algorithm": {"search": "coarse_to_fine"}})
+    check_backend_config(cfg, np)  # CPU: fine
+    with pytest.raises(ConfigError, match="algorithm.search"):
+        check_backend_config(cfg, object())  # any other array module
