@@ -21,7 +21,7 @@ PACKAGE = SRC / "spinifel"
 MAX_LINES = 120
 PARALLEL = PACKAGE / "parallel"
 MPI_METHODS = {
-    "Allreduce", "allreduce", "Reduce", "reduce", "Bcast", "bcast", "Gather", "gather",
+    "Allreduce", "allreduce", "Reduce", "Bcast", "bcast", "Gather", "gather",
     "Gatherv", "Allgather", "allgather", "Allgatherv", "Scatter", "scatter", "Scatterv",
     "Sendrecv", "sendrecv", "Send", "send", "Recv", "recv", "Isend", "isend", "Irecv",
     "irecv", "Barrier", "barrier", "Alltoall", "alltoall", "Alltoallv", "Split", "Abort",

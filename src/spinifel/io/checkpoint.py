@@ -2,7 +2,7 @@
 
 Rank 0 writes ``OUT/checkpoint.h5`` atomically after every generation. Loading it runs no
 code: it holds only numeric arrays and text. There is no RNG state to store: every random
-choice derives from ``runtime.seed`` and the generation number (see pipeline.py).
+choice derives from ``runtime.seed`` and the generation number (see pipeline/solver.py).
 
 A checkpoint carries a fingerprint of the dataset's shape and of the config's
 ``[algorithm]`` (except ``generations``, which may be raised to continue a finished

@@ -48,7 +48,7 @@ import numpy as np
 
 from spinifel.errors import ConfigError, DatasetError
 from spinifel.io import cxi
-from spinifel.io.common import (  # noqa: F401 - DatasetInfo, DetectorGeometry, ImageShard are this module's API
+from spinifel.io.common import (
     GROUND_TRUTH,
     INDEX_MAP,
     INTENSITIES,
@@ -60,7 +60,6 @@ from spinifel.io.common import (  # noqa: F401 - DatasetInfo, DetectorGeometry, 
     ImageShard,
     _attr_value,
     _dtype_name,
-    _one_line,
     _open,
 )
 from spinifel.parallel.partition import block_range

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -106,7 +106,6 @@ class Problem:
     orientation_batch: int = 0
     image_batch: int = 0
     truth: Any = None
-    extras: dict = field(default_factory=dict)
 
     # ---------------------------------------------------------------- construction
     @classmethod
