@@ -442,6 +442,13 @@ def test_flat_background_and_gaps(tmp_path, small_molecule):
     tol = 5 * np.sqrt(lam.sum()) / resid.size
     assert abs(resid.mean() - b) < tol
     assert b > 10 * tol  # the test resolves the background
+    # The background does not follow the fluence: per-image residuals do not grow with it
+    # (slope 0 within 5 standard errors; a fluence-scaled background gives slope b).
+    per_image = resid.mean(axis=1)
+    x = fl - fl.mean()
+    slope = np.dot(x, per_image) / np.dot(x, x)
+    se = per_image.std(ddof=2) / np.sqrt(np.dot(x, x))
+    assert abs(slope) < 5 * se and b > 10 * se
     # Mean photons: particle photons plus b per good pixel.
     totals = img.sum(axis=(1, 2))
     expected = photons + b * n_good
