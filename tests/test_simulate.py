@@ -15,11 +15,14 @@ from spinifel.geometry import detector as det
 from spinifel.geometry.orientations import multiply, quaternion_to_matrix, random_quaternions
 from spinifel.simulate import dataset as ds
 from spinifel.simulate.formfactors import atomic_number, form_factor, it92_coefficients
-from spinifel.simulate.scatter import (StructureFactorPlan, structure_factor,
-                                       structure_factor_direct)
+from spinifel.simulate.scatter import StructureFactorPlan, structure_factor, structure_factor_direct
 from spinifel.simulate.structure import Structure, builtin_molecule, load_structure
-from spinifel.simulate.truth import (grid_structure_factor, reciprocal_grid_axis,
-                                     render_ground_truth, voxel_size_angstrom)
+from spinifel.simulate.truth import (
+    grid_structure_factor,
+    reciprocal_grid_axis,
+    render_ground_truth,
+    voxel_size_angstrom,
+)
 
 F32 = np.finfo(np.float32).eps
 
@@ -50,7 +53,7 @@ def test_form_factor_units_and_shape():
         # gemmi evaluates the table in float32: compare at float32 accuracy.
         np.testing.assert_allclose(form_factor(sym, s), ref, rtol=1e-6, atol=1e-6)
         assert np.all(np.diff(form_factor(sym, s)) < 0)
-    a, b, c = it92_coefficients("C")
+    a, b, _c = it92_coefficients("C")
     assert a.shape == b.shape == (4,) and np.all(b > 0)
     assert form_factor("O", np.zeros((2, 3))).shape == (2, 3)
     with pytest.raises(ValueError, match="Xx"):
@@ -264,7 +267,7 @@ def test_load_structure(tmp_path):
 
 # ---------------------------------------------------------------------------------- dataset
 
-SMALL = dict(n_pixels=16, pixel_size_m=6e-3, distance_m=0.2, M=15)
+SMALL = {"n_pixels": 16, "pixel_size_m": 6e-3, "distance_m": 0.2, "M": 15}
 
 
 def _read_all(path: Path) -> dict:
@@ -470,7 +473,7 @@ def test_gap_mask_and_detector_preset():
     g = ds.DETECTOR_PRESETS["photon-limited"]
     pos = det.flat_detector_positions(g["n_pixels"], g["pixel_size_m"], g["distance_m"],
                                       det.photon_energy_to_wavelength(g["photon_energy_ev"]))
-    edge, corner = det.resolution_angstrom(pos)
+    _edge, corner = det.resolution_angstrom(pos)
     assert corner == pytest.approx(6.48, abs=0.01) and g["beamstop_radius_px"] == 3.0
 
 
@@ -480,10 +483,10 @@ class _ThreadComm:
     def __init__(self, rank: int, size: int, shared: dict, barrier: threading.Barrier):
         self.rank, self.size, self._shared, self._barrier = rank, size, shared, barrier
 
-    def Get_rank(self):  # noqa: N802
+    def Get_rank(self):
         return self.rank
 
-    def Get_size(self):  # noqa: N802
+    def Get_size(self):
         return self.size
 
     def gather(self, obj, root=0):
@@ -518,7 +521,7 @@ def test_reproducible_for_seed_batch_workers_and_ranks(tmp_path, small_molecule)
         try:
             ds.simulate_dataset(d, small_molecule, comm=_ThreadComm(r, 2, shared, barrier),
                                 batch=5, **kw)
-        except BaseException as exc:  # surfaced below
+        except BaseException as exc:  # noqa: BLE001 (surfaced below)
             errors.append(exc)
             barrier.abort()
 
@@ -533,14 +536,14 @@ def test_reproducible_for_seed_batch_workers_and_ranks(tmp_path, small_molecule)
 
 def test_invalid_parameters_and_atomic_write(tmp_path, small_molecule, monkeypatch):
     p = tmp_path / "x.h5"
-    for bad, match in ((dict(photons_per_image=-1.0), "photons_per_image"),
-                       (dict(M=16), "M must be odd"), (dict(n_images=0), "n_images"),
-                       (dict(beamstop_radius_px=9.0), "beamstop"),
-                       (dict(fluence_jitter=0.1, fluence_sigma=0.1), "not both"),
-                       (dict(fluence_sigma=-0.1), "fluence_sigma"),
-                       (dict(background_photons_per_pixel=0.1), "needs photons_per_image"),
-                       (dict(gap_rows=16), "gap_rows"),
-                       (dict(orientations=np.zeros((2, 4))), "orientations")):
+    for bad, match in (({"photons_per_image": -1.0}, "photons_per_image"),
+                       ({"M": 16}, "M must be odd"), ({"n_images": 0}, "n_images"),
+                       ({"beamstop_radius_px": 9.0}, "beamstop"),
+                       ({"fluence_jitter": 0.1, "fluence_sigma": 0.1}, "not both"),
+                       ({"fluence_sigma": -0.1}, "fluence_sigma"),
+                       ({"background_photons_per_pixel": 0.1}, "needs photons_per_image"),
+                       ({"gap_rows": 16}, "gap_rows"),
+                       ({"orientations": np.zeros((2, 4))}, "orientations")):
         kw = {**dict(n_images=3, **SMALL), **bad}
         with pytest.raises(ConfigError, match=match):
             ds.simulate_dataset(p, small_molecule, **kw)
