@@ -57,6 +57,11 @@ def test_bad_types_and_ranges(tmp_path):
         load_config(p)
     with pytest.raises(ConfigError, match=r"'algorithm.M': must be odd"):
         load_config(overrides=["algorithm.M=40"])
+    # M = 0 means "choose from the data" (geometry/box.py); 1 and 7 stay refused.
+    assert load_config(overrides=["algorithm.M=0"]).algorithm.M == 0
+    for bad in ("1", "7", "-1"):
+        with pytest.raises(ConfigError, match=r"'algorithm.M': must be odd.*or 0"):
+            load_config(overrides=[f"algorithm.M={bad}"])
     with pytest.raises(ConfigError, match=r"'algorithm.n_orientations'"):
         load_config(overrides=["algorithm.n_orientations=1"])
     with pytest.raises(ConfigError, match=r"expected a boolean"):

@@ -53,7 +53,7 @@ def test_form_factor_units_and_shape():
         # gemmi evaluates the table in float32: compare at float32 accuracy.
         np.testing.assert_allclose(form_factor(sym, s), ref, rtol=1e-6, atol=1e-6)
         assert np.all(np.diff(form_factor(sym, s)) < 0)
-    a, b, c = it92_coefficients("C")
+    a, b, _c = it92_coefficients("C")
     assert a.shape == b.shape == (4,) and np.all(b > 0)
     assert form_factor("O", np.zeros((2, 3))).shape == (2, 3)
     with pytest.raises(ValueError, match="Xx"):
@@ -267,7 +267,7 @@ def test_load_structure(tmp_path):
 
 # ---------------------------------------------------------------------------------- dataset
 
-SMALL = dict(n_pixels=16, pixel_size_m=6e-3, distance_m=0.2, M=15)
+SMALL = {"n_pixels": 16, "pixel_size_m": 6e-3, "distance_m": 0.2, "M": 15}
 
 
 def _read_all(path: Path) -> dict:
@@ -386,16 +386,107 @@ def test_photon_scale_and_fluence_jitter(tmp_path, small_molecule):
     assert summary["mean_photons"] == pytest.approx(totals.mean())
 
 
+def test_lognormal_fluence_sigma_keeps_mean_photons(tmp_path, small_molecule):
+    """Catches a fluence whose log std is not ``sigma`` (e.g. sigma read as the relative std)
+    or whose mean is not 1 (a missing ``-sigma^2/2``: the mean photons grow by
+    ``exp(sigma^2/2)`` = 13 % at sigma 0.5)."""
+    N, photons, sigma = 800, 400.0, 0.5
+    path = tmp_path / "s.h5"
+    ds.simulate_dataset(path, small_molecule, n_images=N, seed=21, photons_per_image=photons,
+                        fluence_sigma=sigma, **SMALL)
+    with h5py.File(path, "r") as h5:
+        fl = h5["fluences"][()]
+        totals = h5["intensities"][()].sum(axis=(1, 2, 3), dtype=np.float64)
+        assert h5.attrs["fluence_sigma"] == pytest.approx(sigma, rel=1e-12)
+        assert h5.attrs["fluence_jitter"] == pytest.approx(np.sqrt(np.expm1(sigma**2)))
+    logf = np.log(fl)
+    # std of a normal sample: standard error sigma / sqrt(2 (N-1)); 5 of them.
+    assert abs(logf.std(ddof=1) - sigma) < 5 * sigma / np.sqrt(2 * (N - 1))
+    # mean of log fluence is -sigma^2/2 (mean fluence 1).
+    assert abs(logf.mean() + 0.5 * sigma**2) < 5 * sigma / np.sqrt(N)
+    # Mean photons preserved: 5 standard errors of the totals plus the 1 % quadrature.
+    assert abs(totals.mean() - photons) < 5 * totals.std(ddof=1) / np.sqrt(N) + 0.01 * photons
+    # Control: the bias a missing -sigma^2/2 would make is outside that band.
+    assert photons * (np.exp(0.5 * sigma**2) - 1) > 5 * totals.std(ddof=1) / np.sqrt(N) \
+        + 0.01 * photons
+
+
+def test_flat_background_and_gaps(tmp_path, small_molecule):
+    """Catches a background missing, scaled by the fluence, or added to masked pixels, and
+    gap pixels that are not masked or not zero."""
+    N, photons, b = 400, 200.0, 0.3
+    path = tmp_path / "b.h5"
+    summary = ds.simulate_dataset(path, small_molecule, n_images=N, seed=5,
+                                  photons_per_image=photons, fluence_sigma=0.5,
+                                  background_photons_per_pixel=b, gap_rows=4, gap_cols=1,
+                                  beamstop_radius_px=1.0, **SMALL)
+    with h5py.File(path, "r") as h5:
+        img = h5["intensities"][:, 0].astype(np.float64)
+        mask = h5["mask"][0].astype(bool)
+        fl = h5["fluences"][()]
+        q = h5["orientations"][()]
+        scale = float(h5.attrs["intensity_scale"])
+        pos = h5["pixel_position_reciprocal"][()]
+        assert h5.attrs["background_photons_per_pixel"] == b
+        assert (h5.attrs["gap_rows"], h5.attrs["gap_cols"]) == (4, 1)
+    # Gap rows 6..9 and column 7 of 16 (centred), plus the beamstop: masked and zero.
+    assert not mask[6:10].any() and not mask[:, 7].any()
+    assert mask[5].sum() == 15 and mask[10].sum() == 15
+    assert img[:, ~mask].sum() == 0
+    n_good = int(mask.sum())
+    assert n_good == 16 * 16 - 4 * 16 - 12 - 0 and summary["n_good_pixels"] == n_good
+    # Background = counts minus the known expected signal, averaged over the outer pixels.
+    sim = ds.ImageSimulator(small_molecule, pos, mask[None].astype(np.uint8))
+    signal = scale * fl[:, None] * sim.noise_free(q)
+    r = np.hypot(*np.meshgrid(np.arange(16) - 7.5, np.arange(16) - 7.5, indexing="ij"))
+    outer = (mask & (r > 5)).reshape(-1)
+    resid = (img.reshape(N, -1) - signal)[:, outer]
+    lam = (signal[:, outer] + b)
+    tol = 5 * np.sqrt(lam.sum()) / resid.size
+    assert abs(resid.mean() - b) < tol
+    assert b > 10 * tol  # the test resolves the background
+    # The background does not follow the fluence: per-image residuals do not grow with it
+    # (slope 0 within 5 standard errors; a fluence-scaled background gives slope b).
+    per_image = resid.mean(axis=1)
+    x = fl - fl.mean()
+    slope = np.dot(x, per_image) / np.dot(x, x)
+    se = per_image.std(ddof=2) / np.sqrt(np.dot(x, x))
+    assert abs(slope) < 5 * se and b > 10 * se
+    # Mean photons: particle photons plus b per good pixel.
+    totals = img.sum(axis=(1, 2))
+    expected = photons + b * n_good
+    assert summary["background_photons"] == pytest.approx(b * n_good)
+    assert abs(totals.mean() - expected) < 5 * totals.std(ddof=1) / np.sqrt(N) + 0.01 * photons
+
+
+def test_gap_mask_and_detector_preset():
+    """Catches an off-centre gap and a preset whose corner resolution is not 6.5 A."""
+    m = ds.gap_mask(64, gap_rows=4)[0]
+    assert m.dtype == np.uint8
+    assert np.flatnonzero(m.max(axis=1) == 0).tolist() == [30, 31, 32, 33]
+    assert (m == 0).sum() == 4 * 64  # rows only, no columns
+    m = ds.gap_mask(7, gap_rows=1, gap_cols=3)[0]
+    assert np.flatnonzero(m.max(axis=1) == 0).tolist() == [3]
+    assert np.flatnonzero(m.max(axis=0) == 0).tolist() == [2, 3, 4]
+    with pytest.raises(ValueError, match="gap"):
+        ds.gap_mask(8, gap_rows=8)
+    g = ds.DETECTOR_PRESETS["photon-limited"]
+    pos = det.flat_detector_positions(g["n_pixels"], g["pixel_size_m"], g["distance_m"],
+                                      det.photon_energy_to_wavelength(g["photon_energy_ev"]))
+    _edge, corner = det.resolution_angstrom(pos)
+    assert corner == pytest.approx(6.48, abs=0.01) and g["beamstop_radius_px"] == 3.0
+
+
 class _ThreadComm:
     """Two in-process "ranks" (threads) sharing gather/bcast, to emulate MPI without mpiexec."""
 
     def __init__(self, rank: int, size: int, shared: dict, barrier: threading.Barrier):
         self.rank, self.size, self._shared, self._barrier = rank, size, shared, barrier
 
-    def Get_rank(self):  # noqa: N802
+    def Get_rank(self):
         return self.rank
 
-    def Get_size(self):  # noqa: N802
+    def Get_size(self):
         return self.size
 
     def gather(self, obj, root=0):
@@ -415,7 +506,8 @@ class _ThreadComm:
 
 
 def test_reproducible_for_seed_batch_workers_and_ranks(tmp_path, small_molecule):
-    kw = dict(n_images=23, photons_per_image=300.0, fluence_jitter=0.1, seed=9, **SMALL)
+    kw = dict(n_images=23, photons_per_image=300.0, fluence_sigma=0.3, seed=9,
+              background_photons_per_pixel=0.2, gap_rows=2, **SMALL)
     a, b, c, d = (tmp_path / f"{x}.h5" for x in "abcd")
     ds.simulate_dataset(a, small_molecule, **kw)
     ds.simulate_dataset(b, small_molecule, batch=4, workers=2, **kw)
@@ -429,7 +521,7 @@ def test_reproducible_for_seed_batch_workers_and_ranks(tmp_path, small_molecule)
         try:
             ds.simulate_dataset(d, small_molecule, comm=_ThreadComm(r, 2, shared, barrier),
                                 batch=5, **kw)
-        except BaseException as exc:  # surfaced below
+        except BaseException as exc:  # noqa: BLE001 (surfaced below)
             errors.append(exc)
             barrier.abort()
 
@@ -444,10 +536,14 @@ def test_reproducible_for_seed_batch_workers_and_ranks(tmp_path, small_molecule)
 
 def test_invalid_parameters_and_atomic_write(tmp_path, small_molecule, monkeypatch):
     p = tmp_path / "x.h5"
-    for bad, match in ((dict(photons_per_image=-1.0), "photons_per_image"),
-                       (dict(M=16), "M must be odd"), (dict(n_images=0), "n_images"),
-                       (dict(beamstop_radius_px=9.0), "beamstop"),
-                       (dict(orientations=np.zeros((2, 4))), "orientations")):
+    for bad, match in (({"photons_per_image": -1.0}, "photons_per_image"),
+                       ({"M": 16}, "M must be odd"), ({"n_images": 0}, "n_images"),
+                       ({"beamstop_radius_px": 9.0}, "beamstop"),
+                       ({"fluence_jitter": 0.1, "fluence_sigma": 0.1}, "not both"),
+                       ({"fluence_sigma": -0.1}, "fluence_sigma"),
+                       ({"background_photons_per_pixel": 0.1}, "needs photons_per_image"),
+                       ({"gap_rows": 16}, "gap_rows"),
+                       ({"orientations": np.zeros((2, 4))}, "orientations")):
         kw = {**dict(n_images=3, **SMALL), **bad}
         with pytest.raises(ConfigError, match=match):
             ds.simulate_dataset(p, small_molecule, **kw)
@@ -490,6 +586,23 @@ def test_command_writes_dataset_and_plot(tmp_path, monkeypatch, capsys):
         assert h5["intensities"].shape == (4, 1, 16, 16) and h5.attrs["photons_per_image"] == 1000
     with pytest.raises(SystemExit):
         parser.parse_args(["--out", "x.h5", "--pdb", "a.pdb", "--builtin"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--out", "x.h5", "--jitter", "0.1", "--fluence-sigma", "0.1"])
+    # The preset fills the geometry; an explicit flag still wins.
+    geo = cmd.geometry_from_args(parser.parse_args(
+        ["--out", "x.h5", "--detector", "photon-limited", "--beamstop", "14"]))
+    assert geo == {**ds.DETECTOR_PRESETS["photon-limited"], "beamstop_radius_px": 14.0}
+    geo = cmd.geometry_from_args(parser.parse_args(["--out", "x.h5"]))
+    assert geo == ds.DETECTOR_PRESETS["default"]
+    args = parser.parse_args(["--out", str(tmp_path / "g.h5"), "--n-images", "3",
+                              "--pixels", "16", "--pixel-size", "6e-3", "--M", "15",
+                              "--photons", "100", "--fluence-sigma", "0.5",
+                              "--background", "0.1", "--gap-rows", "2", "--no-plot"])
+    assert cmd.main(args) == 0
+    assert "background" in capsys.readouterr().out
+    with h5py.File(tmp_path / "g.h5", "r") as h5:
+        assert h5.attrs["detector"] == "default" and h5.attrs["gap_rows"] == 2
+        assert h5.attrs["fluence_sigma"] == 0.5 and h5["mask"][0, 7:9].sum() == 0
 
 
 # --------------------------------------------------------------------------------------- MPI

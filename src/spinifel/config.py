@@ -123,8 +123,8 @@ class AlgorithmConfig:
         a = "algorithm."
         _check(1 <= self.generations <= 10000, a + "generations",
                f"must be in [1, 10000], got {self.generations}")
-        _check(self.M % 2 == 1 and 9 <= self.M <= 513, a + "M",
-               f"must be odd and in [9, 513], got {self.M}")
+        _check(self.M == 0 or (self.M % 2 == 1 and 9 <= self.M <= 513), a + "M",
+               f"must be odd and in [9, 513], or 0 (choose from the data), got {self.M}")
         _check(10 <= self.n_orientations <= 50_000_000, a + "n_orientations",
                f"must be in [10, 5e7], got {self.n_orientations}")
         _check(self.orientation_batch >= 1, a + "orientation_batch",

@@ -19,8 +19,8 @@ dataset                         shape               dtype      meaning
 ``pixel_position_reciprocal``   (1, n, n, 3)        float64    ``s`` in inverse metres
 ``pixel_index_map``             (1, n, n, 2)        int64      row, column
 ``orientations``                (N, 4)              float64    ground-truth ``[w, x, y, z]``
-``fluences``                    (N,)                float64    per-image fluence factor (mean 1)
-``mask``                        (1, n, n)           uint8      1 = good pixel, 0 = beamstop
+``fluences``                    (N,)                float64    true per-image fluence (mean 1)
+``mask``                        (1, n, n)           uint8      1 = good, 0 = beamstop or gap
 ``ground_truth/density``        (M, M, M)           float32    electrons / angstrom^3
 ``ground_truth/intensity``      (M, M, M)           float32    ``|F|^2``, electrons^2
 ``ground_truth/atoms_xyz``      (n_atoms, 3)        float64    angstrom, centred
@@ -30,8 +30,11 @@ dataset                         shape               dtype      meaning
 Root attributes: ``reciprocal_extent`` (inverse metres), ``n_images``, ``n_pixels_per_image``,
 ``det_shape``, ``det_distance`` (m), ``pixel_size`` (m), ``photon_energy_ev``,
 ``wavelength_m``, ``seed``, ``photons_per_image`` (NaN when noise-free), ``noise``
-(``"poisson"`` or ``"none"``), ``fluence_jitter``, ``beamstop_radius_px``, ``intensity_scale``,
-``nufft_eps``, ``structure_name``, ``generator``. Pixels behind the beamstop are recorded as 0.
+(``"poisson"`` or ``"none"``), ``fluence_jitter`` (relative std of the fluence),
+``fluence_sigma`` (std of its logarithm), ``background_photons_per_pixel``,
+``beamstop_radius_px``, ``gap_rows``, ``gap_cols``, ``detector`` (preset name or
+``"custom"``), ``intensity_scale``, ``nufft_eps``, ``structure_name``, ``generator``. Pixels
+behind the beamstop or in a gap (mask 0) are recorded as 0.
 
 Photon scale: ``intensity_scale = photons_per_image / T`` where ``T`` is the mean over 128
 quasi-uniform orientations (:func:`~spinifel.geometry.orientations.orientation_grid`) of the
@@ -41,7 +44,19 @@ averaged over random orientations is ``photons_per_image`` (to the accuracy of t
 128-orientation quadrature, about 1 %). A fixed scale, not a per-image normalisation, keeps
 the physical orientation dependence of the total. Noise-free images are
 ``fluence_i * |F|^2`` and ``intensity_scale`` is 1. The fluence factor is log-normal with
-mean 1 and relative standard deviation ``fluence_jitter``.
+mean 1: ``fluence_i = exp(sigma z_i - sigma^2 / 2)``, ``z_i`` standard normal, given either by
+``fluence_sigma`` (``sigma``, the std of ``log fluence``) or by ``fluence_jitter`` (the relative
+std ``J``; ``sigma^2 = log(1 + J^2)``); its mean 1 keeps the expected photons per image.
+
+Flat background (Poisson data only): ``background_photons_per_pixel`` ``b`` is added to the
+expected counts of every good pixel before the Poisson draw,
+``Poisson(intensity_scale * fluence_i * |F|^2 + b)``, independent of the fluence (the
+``phi_k W + b`` model of a likelihood score). ``photons_per_image`` counts the particle's
+photons only; an image then holds ``b * n_good_pixels`` background photons on average.
+
+Detector gaps: ``gap_rows`` rows (``gap_cols`` columns) through the centre of the detector
+(rows ``(n - gap_rows) // 2`` to ``(n + gap_rows) // 2 - 1``) have mask 0 and record 0, like
+the beamstop; the photon scale counts good pixels only.
 """
 
 from __future__ import annotations
@@ -67,6 +82,7 @@ from spinifel.parallel.collectives import bcast_object, gather_objects
 from spinifel.parallel.context import SerialComm
 from spinifel.parallel.partition import block_range, block_sizes
 from spinifel.simulate.formfactors import form_factor
+from spinifel.simulate.presets import DETECTOR_PRESETS  # noqa: F401 (re-exported)
 from spinifel.simulate.scatter import StructureFactorPlan
 from spinifel.simulate.structure import Structure
 from spinifel.simulate.truth import render_ground_truth, voxel_size_angstrom
@@ -78,22 +94,50 @@ DEFAULT_BATCH = 128
 DEFAULT_EPS = 1e-6
 
 
+
 def image_rng(seed: int, index: int) -> np.random.Generator:
     """The random generator of image ``index``: ``SeedSequence(seed, spawn_key=(index,))``."""
     return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(int(index),)))
 
 
-def fluence_factor(rng: np.random.Generator, jitter: float) -> float:
-    """One log-normal fluence factor with mean 1 and relative std ``jitter`` (1 if 0).
+def fluence_log_variance(jitter: float = 0.0, sigma: float = 0.0) -> float:
+    """Variance ``sigma^2`` of ``log fluence`` for a relative std ``jitter`` or a log std ``sigma``.
 
-    One standard normal is always drawn so that the photon counts that follow use the same
-    stream position whatever ``jitter`` is.
+    ``sigma`` wins when positive; else ``sigma^2 = log(1 + jitter^2)`` (0 when both are 0).
+    """
+    if sigma > 0:
+        return float(sigma) * float(sigma)
+    return float(np.log1p(jitter * jitter))
+
+
+def fluence_factor(rng: np.random.Generator, jitter: float, *, sigma: float = 0.0) -> float:
+    """One log-normal fluence factor with mean 1 (1 when ``jitter`` and ``sigma`` are 0).
+
+    ``exp(s z - s^2 / 2)`` with ``z`` standard normal and ``s^2`` from
+    :func:`fluence_log_variance` (relative std ``jitter`` or log std ``sigma``). One standard
+    normal is always drawn so that the photon counts that follow use the same stream
+    position whatever the jitter is.
     """
     z = rng.standard_normal()
-    if jitter <= 0:
+    sigma2 = fluence_log_variance(jitter, sigma)
+    if sigma2 <= 0:
         return 1.0
-    sigma2 = np.log1p(jitter * jitter)
     return float(np.exp(np.sqrt(sigma2) * z - 0.5 * sigma2))
+
+
+def gap_mask(n_pixels: int, gap_rows: int = 0, gap_cols: int = 0) -> np.ndarray:
+    """Mask of detector gaps through the centre, shape ``(1, n, n)``, uint8 (0 = in a gap).
+
+    ``gap_rows`` rows ``(n - gap_rows) // 2 .. (n + gap_rows) // 2 - 1`` (a horizontal gap)
+    and ``gap_cols`` columns likewise (a vertical gap) are 0; 0 means no gap.
+    """
+    n, r, c = int(n_pixels), int(gap_rows), int(gap_cols)
+    if not (0 <= r < n and 0 <= c < n):
+        raise ValueError(f"gap widths must be in [0, {n}), got rows={gap_rows}, cols={gap_cols}")
+    m = np.ones((1, n, n), dtype=np.uint8)
+    m[0, (n - r) // 2:(n - r) // 2 + r, :] = 0
+    m[0, :, (n - c) // 2:(n - c) // 2 + c] = 0
+    return m
 
 
 class ImageSimulator:
@@ -159,7 +203,8 @@ class ImageSimulator:
         return img
 
     def images(self, start: int, stop: int, *, seed: int, scale: float | None,
-               fluence_jitter: float = 0.0,
+               fluence_jitter: float = 0.0, fluence_sigma: float = 0.0,
+               background: float = 0.0,
                orientations: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray,
                                                                   np.ndarray]:
         """Images ``start .. stop-1`` of the dataset.
@@ -172,8 +217,12 @@ class ImageSimulator:
             Dataset seed; image ``i`` draws from :func:`image_rng` ``(seed, i)``.
         scale : float or None
             Photons per unit ``|F|^2`` (``intensity_scale``); ``None`` for noise-free images.
-        fluence_jitter : float
-            Relative std of the per-image fluence factor.
+        fluence_jitter, fluence_sigma : float
+            Relative std, or std of the logarithm, of the per-image fluence factor
+            (:func:`fluence_factor`).
+        background : float
+            Photons per good pixel added to the expected counts before the Poisson draw
+            (ignored for noise-free images, ``scale=None``).
         orientations : ndarray, shape (N, 4), optional
             Fixed orientations for the whole dataset (indexed by global image index)
             instead of random ones; the random orientation is still drawn and discarded so
@@ -191,13 +240,15 @@ class ImageSimulator:
         fl = np.empty(n)
         for k, rng in enumerate(rngs):
             q[k] = random_quaternions(1, rng)[0]
-            fl[k] = fluence_factor(rng, fluence_jitter)
+            fl[k] = fluence_factor(rng, fluence_jitter, sigma=fluence_sigma)
         if orientations is not None:
             q = np.asarray(orientations[start:stop], dtype=np.float64)
         lam = self.noise_free(q) * fl[:, None]
         if scale is None:
             return lam.astype(np.float32), q, fl
         lam *= scale
+        if background > 0:
+            lam[:, self.good] += background
         out = np.empty(lam.shape, dtype=np.float32)
         for k, rng in enumerate(rngs):
             out[k] = rng.poisson(lam[k])
@@ -210,20 +261,8 @@ def _everywhere(err: Exception) -> Exception:
     return err
 
 
-def _check_everywhere(path: str | os.PathLike, *params: Any) -> Path:
-    """:func:`_check_params` and the output directory, raised on every rank; ``Path(path)``."""
-    try:
-        _check_params(*params)
-    except ConfigError as exc:
-        raise _everywhere(exc) from None
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise _everywhere(OutputError(f"{path}: output directory {path.parent} does not exist"))
-    return path
-
-
 def _check_params(n_images: int, n_pixels: int, photons_per_image: float | None,
-                  fluence_jitter: float, beamstop_radius_px: float, M: int, batch: int,
+                  noise: dict, beamstop_radius_px: float, M: int, batch: int,
                   orientations: np.ndarray | None, structure: Structure) -> None:
     if int(n_images) < 1:
         raise ConfigError(f"simulate: n_images must be >= 1, got {n_images}")
@@ -233,8 +272,18 @@ def _check_params(n_images: int, n_pixels: int, photons_per_image: float | None,
                                               and photons_per_image > 0):
         raise ConfigError(f"simulate: photons_per_image must be > 0 or None (noise-free), "
                           f"got {photons_per_image!r}")
-    if not (np.isfinite(fluence_jitter) and fluence_jitter >= 0):
-        raise ConfigError(f"simulate: fluence_jitter must be >= 0, got {fluence_jitter!r}")
+    for key in ("fluence_jitter", "fluence_sigma", "background_photons_per_pixel"):
+        if not (np.isfinite(noise[key]) and noise[key] >= 0):
+            raise ConfigError(f"simulate: {key} must be >= 0, got {noise[key]!r}")
+    if noise["fluence_jitter"] > 0 and noise["fluence_sigma"] > 0:
+        raise ConfigError("simulate: give fluence_jitter (relative std) or fluence_sigma "
+                          "(std of log fluence), not both")
+    if noise["background_photons_per_pixel"] > 0 and photons_per_image is None:
+        raise ConfigError("simulate: background_photons_per_pixel needs photons_per_image "
+                          "(a background is in photons; noise-free images are |F|^2)")
+    for key in ("gap_rows", "gap_cols"):
+        if not 0 <= int(noise[key]) < int(n_pixels):
+            raise ConfigError(f"simulate: {key} must be in [0, {n_pixels}), got {noise[key]}")
     if not (np.isfinite(beamstop_radius_px) and 0 <= beamstop_radius_px < n_pixels / 2):
         raise ConfigError(f"simulate: beamstop_radius_px must be in [0, {n_pixels / 2}), "
                           f"got {beamstop_radius_px!r}")
@@ -255,10 +304,12 @@ def simulate_dataset(path: str | os.PathLike, structure: Structure, *, n_images:
                      distance_m: float = det.DEFAULT_DISTANCE_M,
                      photon_energy_ev: float = det.DEFAULT_PHOTON_ENERGY_EV,
                      photons_per_image: float | None = None, fluence_jitter: float = 0.0,
-                     beamstop_radius_px: float = 0.0, M: int = 41, seed: int = 0,
-                     comm: Any = None, batch: int = DEFAULT_BATCH, workers: int = 1,
-                     eps: float = DEFAULT_EPS,
-                     orientations: np.ndarray | None = None) -> dict:
+                     fluence_sigma: float = 0.0, background_photons_per_pixel: float = 0.0,
+                     beamstop_radius_px: float = 0.0, gap_rows: int = 0, gap_cols: int = 0,
+                     M: int = 41, seed: int = 0, comm: Any = None,
+                     batch: int = DEFAULT_BATCH, workers: int = 1, eps: float = DEFAULT_EPS,
+                     orientations: np.ndarray | None = None,
+                     detector_name: str = "custom") -> dict:
     """Simulate ``n_images`` diffraction patterns of ``structure`` and write them to ``path``.
 
     Every rank simulates its contiguous block of images
@@ -283,8 +334,17 @@ def simulate_dataset(path: str | os.PathLike, structure: Structure, *, n_images:
         Mean total photons per image (Poisson noise), or ``None`` for noise-free ``|F|^2``.
     fluence_jitter : float
         Relative std of the per-image (log-normal, mean 1) fluence factor.
+    fluence_sigma : float
+        Instead of ``fluence_jitter``: the std of ``log fluence`` (mean still 1); giving both
+        is an error.
+    background_photons_per_pixel : float
+        Flat background, photons per good pixel added to the expected counts before the
+        Poisson draw (needs ``photons_per_image``).
     beamstop_radius_px : float
         Radius in pixels of the central beamstop (mask 0, intensities 0).
+    gap_rows, gap_cols : int
+        Widths in pixels of a horizontal and a vertical gap through the centre (mask 0,
+        intensities 0; :func:`gap_mask`).
     M : int
         Odd size of the ground-truth grid.
     seed : int
@@ -300,6 +360,8 @@ def simulate_dataset(path: str | os.PathLike, structure: Structure, *, n_images:
         NUFFT precision.
     orientations : ndarray, shape (N, 4), optional
         Use these orientations instead of random ones.
+    detector_name : str
+        Recorded as the ``detector`` attribute (the ``simulate --detector`` preset).
 
     Returns
     -------
@@ -308,7 +370,8 @@ def simulate_dataset(path: str | os.PathLike, structure: Structure, *, n_images:
         ``n_ranks``, ``seconds``, ``images_per_second``, ``resolution_edge_angstrom``,
         ``resolution_corner_angstrom``, ``reciprocal_extent``, ``voxel_size_angstrom``, ``M``,
         ``wavelength_m``, ``photons_per_image``, ``mean_photons`` (mean recorded total per
-        image), ``intensity_scale``, ``structure_name``, ``n_atoms``.
+        image, background included), ``background_photons`` (its expected background
+        part), ``n_good_pixels``, ``intensity_scale``, ``structure_name``, ``n_atoms``.
 
     Raises
     ------
@@ -320,37 +383,134 @@ def simulate_dataset(path: str | os.PathLike, structure: Structure, *, n_images:
     t0 = time.perf_counter()
     comm = SerialComm() if comm is None else comm
     rank, size = int(comm.Get_rank()), int(comm.Get_size())
-    path = _check_everywhere(path, n_images, n_pixels, photons_per_image, fluence_jitter,
-                             beamstop_radius_px, M, batch, orientations, structure)
+    noise = {"fluence_jitter": fluence_jitter, "fluence_sigma": fluence_sigma,
+             "background_photons_per_pixel": background_photons_per_pixel,
+             "gap_rows": gap_rows, "gap_cols": gap_cols}
+    try:
+        _check_params(n_images, n_pixels, photons_per_image, noise, beamstop_radius_px, M,
+                      batch, orientations, structure)
+    except ConfigError as exc:
+        raise _everywhere(exc) from None
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise _everywhere(OutputError(f"{path}: output directory {path.parent} does not exist"))
     n_images, n_pixels, M = int(n_images), int(n_pixels), int(M)
 
     wavelength = det.photon_energy_to_wavelength(photon_energy_ev)
     pos = det.flat_detector_positions(n_pixels, pixel_size_m, distance_m, wavelength)
-    mask = det.beamstop_mask(n_pixels, beamstop_radius_px)
+    mask = det.beamstop_mask(n_pixels, beamstop_radius_px) & gap_mask(n_pixels, gap_rows,
+                                                                      gap_cols)
     reciprocal_extent = float(np.linalg.norm(pos, axis=-1).max())
     sim = ImageSimulator(structure, pos, mask, eps=eps, workers=workers)
+    # Relative std and log std of the fluence, whichever was given (both recorded).
+    sigma2 = fluence_log_variance(fluence_jitter, fluence_sigma)
+    background = float(background_photons_per_pixel)
 
-    scale = _photon_scale(sim, photons_per_image)
+    # Photon scale from a fixed orientation quadrature: identical on every rank.
+    scale = None
+    if photons_per_image is not None:
+        ref = sim.noise_free(orientation_grid(N_SCALE_ORIENTATIONS)).sum(axis=1).mean()
+        if not ref > 0:
+            raise _everywhere(ConfigError("simulate: the noise-free images are all zero "
+                                          "(every pixel masked?)"))
+        scale = float(photons_per_image) / float(ref)
 
+    attrs = {
+        "reciprocal_extent": reciprocal_extent,
+        "n_images": n_images,
+        "n_pixels_per_image": int(np.prod(pos.shape[:-1])),
+        "det_shape": np.array(pos.shape[:-1], dtype=np.int64),
+        "det_distance": float(distance_m),
+        "pixel_size": float(pixel_size_m),
+        "photon_energy_ev": float(photon_energy_ev),
+        "wavelength_m": float(wavelength),
+        "seed": int(seed),
+        "photons_per_image": np.nan if photons_per_image is None else float(photons_per_image),
+        "noise": "none" if photons_per_image is None else "poisson",
+        "fluence_jitter": float(np.sqrt(np.expm1(sigma2))),
+        "fluence_sigma": float(np.sqrt(sigma2)),
+        "background_photons_per_pixel": background,
+        "beamstop_radius_px": float(beamstop_radius_px),
+        "gap_rows": int(gap_rows),
+        "gap_cols": int(gap_cols),
+        "detector": str(detector_name),
+        "intensity_scale": 1.0 if scale is None else scale,
+        "nufft_eps": float(eps),
+        "structure_name": structure.name,
+        "generator": f"spinifel-mpi {__version__} simulate",
+    }
+    totals = _write_images(comm, path, sim, structure, attrs=attrs, pos=pos, mask=mask, M=M,
+                           batch=int(batch), seed=seed, scale=scale,
+                           kw={"fluence_jitter": fluence_jitter,
+                               "fluence_sigma": fluence_sigma, "background": background,
+                               "orientations": orientations})
+    summary = None
+    if rank == 0:
+        seconds = time.perf_counter() - t0
+        edge, corner = det.resolution_angstrom(pos)
+        n_good = int(mask.sum())
+        summary = {
+            "path": str(path),
+            "n_images": n_images,
+            "det_shape": tuple(int(x) for x in pos.shape[:-1]),
+            "n_ranks": size,
+            "seconds": seconds,
+            "images_per_second": n_images / seconds if seconds > 0 else float("inf"),
+            "resolution_edge_angstrom": edge,
+            "resolution_corner_angstrom": corner,
+            "reciprocal_extent": reciprocal_extent,
+            "voxel_size_angstrom": voxel_size_angstrom(reciprocal_extent),
+            "M": M,
+            "wavelength_m": wavelength,
+            "photons_per_image": photons_per_image,
+            "mean_photons": float(np.concatenate(totals).mean()),
+            "background_photons": background * n_good if scale is not None else 0.0,
+            "n_good_pixels": n_good,
+            "intensity_scale": 1.0 if scale is None else scale,
+            "structure_name": structure.name,
+            "n_atoms": structure.n_atoms,
+        }
+    return bcast_object(comm, summary)
+
+
+def _write_images(comm: Any, path: Path, sim: ImageSimulator, structure: Structure, *,
+                  attrs: dict, pos: np.ndarray, mask: np.ndarray, M: int, batch: int,
+                  seed: int, scale: float | None, kw: dict) -> list[np.ndarray]:
+    """Simulate every rank's images and write the file atomically (rank 0 writes).
+
+    Returns the per-image recorded totals on rank 0 (an empty list elsewhere).
+    """
+    rank, size = int(comm.Get_rank()), int(comm.Get_size())
+    n_images = int(attrs["n_images"])
     tmp = path.with_name(path.name + ".partial")
     start, stop = block_range(n_images, size, rank)
-    n_steps = -(-max(block_sizes(n_images, size)) // int(batch))
-    h5, totals = None, []
+    n_steps = -(-max(block_sizes(n_images, size)) // batch)
+    h5 = None
+    totals: list[np.ndarray] = []
     try:
-        h5 = _create_everywhere(
-            comm, tmp, structure, n_images=n_images, pos=pos, mask=mask, M=M,
-            reciprocal_extent=reciprocal_extent, seed=seed, pixel_size_m=pixel_size_m,
-            distance_m=distance_m, photon_energy_ev=photon_energy_ev, wavelength=wavelength,
-            photons_per_image=photons_per_image, fluence_jitter=fluence_jitter,
-            beamstop_radius_px=beamstop_radius_px, scale=1.0 if scale is None else scale,
-            eps=eps)
+        failure = None
+        if rank == 0:
+            try:
+                h5 = _create_file(tmp, structure, attrs=attrs, pos=pos, mask=mask, M=M)
+            except OutputError as exc:
+                failure = str(exc)
+        # Tell every rank whether the file could be created, so none waits in vain.
+        failure = bcast_object(comm, failure)
+        if failure is not None:
+            raise _everywhere(OutputError(failure))
         for step in range(n_steps):
-            a = min(start + step * int(batch), stop)
-            b = min(a + int(batch), stop)
-            result = (a, *sim.images(a, b, seed=seed, scale=scale,
-                                     fluence_jitter=fluence_jitter,
-                                     orientations=orientations))
-            _write_gathered(h5, gather_objects(comm, result), pos.shape[:-1], totals)
+            a = min(start + step * batch, stop)
+            b = min(a + batch, stop)
+            result = (a, *sim.images(a, b, seed=seed, scale=scale, **kw))
+            gathered = gather_objects(comm, result)
+            if rank == 0:
+                for a_r, img, q, fl in gathered:
+                    b_r = a_r + img.shape[0]
+                    if b_r > a_r:
+                        h5["intensities"][a_r:b_r] = img.reshape((-1,) + pos.shape[:-1])
+                        h5["orientations"][a_r:b_r] = q
+                        h5["fluences"][a_r:b_r] = fl
+                        totals.append(img.sum(axis=1, dtype=np.float64))
         if rank == 0:
             h5.close()
             h5 = None
@@ -361,93 +521,11 @@ def simulate_dataset(path: str | os.PathLike, structure: Structure, *, n_images:
         if rank == 0 and tmp.exists():
             tmp.unlink()
         raise
-
-    summary = None
-    if rank == 0:
-        summary = _summary(path, structure, pos, n_images=n_images, n_ranks=size, t0=t0,
-                           reciprocal_extent=reciprocal_extent, M=M, wavelength=wavelength,
-                           photons_per_image=photons_per_image, totals=totals, scale=scale)
-    return bcast_object(comm, summary)
+    return totals
 
 
-def _photon_scale(sim: Any, photons_per_image: float | None) -> float | None:
-    """Intensity factor giving ``photons_per_image`` on average (None: noise-free).
-
-    From a fixed orientation quadrature, so identical on every rank.
-    """
-    if photons_per_image is None:
-        return None
-    ref = sim.noise_free(orientation_grid(N_SCALE_ORIENTATIONS)).sum(axis=1).mean()
-    if not ref > 0:
-        raise _everywhere(ConfigError("simulate: the noise-free images are all zero "
-                                      "(every pixel masked?)"))
-    return float(photons_per_image) / float(ref)
-
-
-def _write_gathered(h5: Any, gathered: list | None, det_shape: tuple, totals: list) -> None:
-    """Rank 0: write every rank's ``(start, images, orientations, fluences)`` batch into
-    the open file ``h5``; append each image's total to ``totals``. No-op elsewhere
-    (``gathered`` is None)."""
-    if gathered is None:
-        return
-    for a_r, img, q, fl in gathered:
-        b_r = a_r + img.shape[0]
-        if b_r > a_r:
-            h5["intensities"][a_r:b_r] = img.reshape((-1,) + tuple(det_shape))
-            h5["orientations"][a_r:b_r] = q
-            h5["fluences"][a_r:b_r] = fl
-            totals.append(img.sum(axis=1, dtype=np.float64))
-
-
-def _summary(path: Path, structure: Structure, pos: np.ndarray, *, n_images: int,
-             n_ranks: int, t0: float, reciprocal_extent: float, M: int, wavelength: float,
-             photons_per_image: float | None, totals: list, scale: float | None) -> dict:
-    """The summary :func:`simulate_dataset` returns (built on rank 0)."""
-    size = n_ranks
-    seconds = time.perf_counter() - t0
-    edge, corner = det.resolution_angstrom(pos)
-    return {
-        "path": str(path),
-        "n_images": n_images,
-        "det_shape": tuple(int(x) for x in pos.shape[:-1]),
-        "n_ranks": size,
-        "seconds": seconds,
-        "images_per_second": n_images / seconds if seconds > 0 else float("inf"),
-        "resolution_edge_angstrom": edge,
-        "resolution_corner_angstrom": corner,
-        "reciprocal_extent": reciprocal_extent,
-        "voxel_size_angstrom": voxel_size_angstrom(reciprocal_extent),
-        "M": M,
-        "wavelength_m": wavelength,
-        "photons_per_image": photons_per_image,
-        "mean_photons": float(np.concatenate(totals).mean()),
-        "intensity_scale": 1.0 if scale is None else scale,
-        "structure_name": structure.name,
-        "n_atoms": structure.n_atoms,
-    }
-
-
-def _create_everywhere(comm: Any, tmp: Path, structure: Structure, **kwargs: Any) -> Any:
-    """Rank 0 creates the file (:func:`_create_file`, returns the open h5py file; None
-    elsewhere); every rank learns whether it could, so none waits in vain (collective).
-    OutputError on every rank when it could not."""
-    failure, h5 = None, None
-    if comm.Get_rank() == 0:
-        try:
-            h5 = _create_file(tmp, structure, **kwargs)
-        except OutputError as exc:
-            failure = str(exc)
-    failure = bcast_object(comm, failure)
-    if failure is not None:
-        raise _everywhere(OutputError(failure))
-    return h5
-
-
-def _create_file(tmp: Path, structure: Structure, *, n_images: int, pos: np.ndarray,
-                 mask: np.ndarray, M: int, reciprocal_extent: float, seed: int,
-                 pixel_size_m: float, distance_m: float, photon_energy_ev: float,
-                 wavelength: float, photons_per_image: float | None, fluence_jitter: float,
-                 beamstop_radius_px: float, scale: float, eps: float):
+def _create_file(tmp: Path, structure: Structure, *, attrs: dict, pos: np.ndarray,
+                 mask: np.ndarray, M: int):
     """Create the ``.partial`` file with everything except the image rows (rank 0 only)."""
     import h5py
 
@@ -456,50 +534,25 @@ def _create_file(tmp: Path, structure: Structure, *, n_images: int, pos: np.ndar
     except OSError as exc:
         raise OutputError(f"{tmp}: cannot create the dataset file: {exc}") from exc
     try:
-        _fill_file(h5, structure, n_images=n_images, pos=pos, mask=mask, M=M,
-                   reciprocal_extent=reciprocal_extent, seed=seed, pixel_size_m=pixel_size_m,
-                   distance_m=distance_m, photon_energy_ev=photon_energy_ev,
-                   wavelength=wavelength, photons_per_image=photons_per_image,
-                   fluence_jitter=fluence_jitter, beamstop_radius_px=beamstop_radius_px,
-                   scale=scale, eps=eps)
+        _fill_file(h5, structure, attrs=attrs, pos=pos, mask=mask, M=M)
     except BaseException:
         h5.close()
         raise
     return h5
 
 
-def _fill_file(h5, structure: Structure, *, n_images: int, pos: np.ndarray, mask: np.ndarray,
-               M: int, reciprocal_extent: float, seed: int, pixel_size_m: float,
-               distance_m: float, photon_energy_ev: float, wavelength: float,
-               photons_per_image: float | None, fluence_jitter: float,
-               beamstop_radius_px: float, scale: float, eps: float) -> None:
+def _fill_file(h5, structure: Structure, *, attrs: dict, pos: np.ndarray, mask: np.ndarray,
+               M: int) -> None:
     """Write every dataset and attribute except the image rows."""
     det_shape = pos.shape[:-1]
+    n_images = int(attrs["n_images"])
+    reciprocal_extent = float(attrs["reciprocal_extent"])
     h5.create_dataset("intensities", shape=(n_images,) + det_shape, dtype=np.float32)
     h5.create_dataset("orientations", shape=(n_images, 4), dtype=np.float64)
     h5.create_dataset("fluences", shape=(n_images,), dtype=np.float64)
     h5.create_dataset("pixel_position_reciprocal", data=pos)
     h5.create_dataset("pixel_index_map", data=det.pixel_index_map(det_shape[-1]))
     h5.create_dataset("mask", data=mask.astype(np.uint8))
-    attrs = {
-        "reciprocal_extent": reciprocal_extent,
-        "n_images": n_images,
-        "n_pixels_per_image": int(np.prod(det_shape)),
-        "det_shape": np.array(det_shape, dtype=np.int64),
-        "det_distance": float(distance_m),
-        "pixel_size": float(pixel_size_m),
-        "photon_energy_ev": float(photon_energy_ev),
-        "wavelength_m": float(wavelength),
-        "seed": int(seed),
-        "photons_per_image": np.nan if photons_per_image is None else float(photons_per_image),
-        "noise": "none" if photons_per_image is None else "poisson",
-        "fluence_jitter": float(fluence_jitter),
-        "beamstop_radius_px": float(beamstop_radius_px),
-        "intensity_scale": float(scale),
-        "nufft_eps": float(eps),
-        "structure_name": structure.name,
-        "generator": f"spinifel-mpi {__version__} simulate",
-    }
     for k, v in attrs.items():
         h5.attrs[k] = v
     density, intensity = render_ground_truth(structure, M, reciprocal_extent)
