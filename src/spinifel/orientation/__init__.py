@@ -1,0 +1,1 @@
+"""Orientation determination: scoring images against model slices and orientation posteriors."""

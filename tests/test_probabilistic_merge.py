@@ -1,0 +1,111 @@
+"""Probabilistic merge: the hard merge as its one-hot limit, an independent per-pair reference, ranks."""
+
+import numpy as np
+import pytest
+
+from spinifel.geometry.orientations import orientation_grid
+from spinifel.merging.merge import accumulate_normal_equations, add_normal_equations
+from spinifel.merging.probabilistic import accumulate_posterior_normal_equations
+from spinifel.orientation.likelihood import Posterior
+from spinifel.parallel.context import SerialComm
+from spinifel.parallel.partition import block_range
+
+M = 11
+
+
+def _problem(seed=0, n=23, J=40, n1=9, k=4):
+    """Random images on a curved detector, a grid and a random sparse posterior."""
+    rng = np.random.default_rng(seed)
+    g = np.linspace(-1, 1, n1)
+    gx, gy = np.meshgrid(g, g, indexing="ij")
+    s = np.stack([gx.ravel(), gy.ravel(), 0.15 * (gx.ravel() ** 2 + gy.ravel() ** 2)]) * 1e9
+    extent = float(np.linalg.norm(s, axis=0).max())
+    images = rng.poisson(2.0, (n, s.shape[1])).astype(np.float32)
+    grid = orientation_grid(J)
+    n_kept = rng.integers(1, k + 1, n)
+    indices = np.full((n, k), -1, dtype=np.int64)
+    weights = np.zeros((n, k))
+    for i in range(n):
+        indices[i, :n_kept[i]] = rng.choice(J, n_kept[i], replace=False)
+        w = rng.uniform(0.1, 1, n_kept[i])
+        weights[i, :n_kept[i]] = np.sort(w / w.sum())[::-1]
+    fluence = rng.uniform(0.5, 2.0, n)
+    fluence[3] = 0.0  # an image without photons contributes nothing
+    pix_w = rng.uniform(0.5, 1.5, s.shape[1])
+    return images, s, extent, grid, _posterior(indices, weights, n_kept, fluence), pix_w
+
+
+def _posterior(indices, weights, n_kept, fluence):
+    n = len(n_kept)
+    z = np.zeros(n)
+    return Posterior(indices=indices, weights=weights, n_kept=n_kept, log_likelihood=z, entropy=z,
+                     dropped_mass=z, expected_slice_sum=z, fluence=fluence,
+                     n_orientations=int(indices.max()) + 1, mean_slice_sum=1.0, beta=1.0)
+
+
+def _one_hot(posterior):
+    n = len(posterior.n_kept)
+    return _posterior(posterior.indices[:, :1].copy(), np.ones((n, 1)), np.ones(n, dtype=np.int64),
+                      np.ones(n))
+
+
+def test_one_hot_posterior_equals_hard_merge_bitwise():
+    """Catches any change of values, weights, batching or scalars in the hard-assignment limit."""
+    images, s, extent, grid, post, pix_w = _problem()
+    hard = _one_hot(post)
+    q = grid[hard.indices[:, 0]]
+    ref = accumulate_normal_equations(SerialComm(), images, q, s, extent, M, weights=pix_w,
+                                      eps=1e-9, image_batch=5)
+    got = accumulate_posterior_normal_equations(SerialComm(), images, hard, grid, s, extent, M,
+                                                weights=pix_w, eps=1e-9, image_batch=5)
+    assert np.array_equal(got.rhs, ref.rhs)
+    assert np.array_equal(got.spectrum, ref.spectrum)
+    assert got.weight_sum == ref.weight_sum
+    assert got.data_norm_sq == ref.data_norm_sq
+
+
+def test_equals_duplicated_images_reference():
+    """Catches a wrong weight (P vs P phi) on data or kernel, a lost pair, or wrong scalars.
+
+    Reference: each (image k, orientation j) pair merged alone by the hard merge, with image
+    ``K_k / phi_k`` and pixel weights ``w P_kj phi_k``, and the normal equations summed.
+    """
+    images, s, extent, grid, post, pix_w = _problem(seed=1)
+    got = accumulate_posterior_normal_equations(SerialComm(), images, post, grid, s, extent, M,
+                                                weights=pix_w, eps=1e-9, image_batch=4)
+    ref = None
+    for i in range(len(images)):
+        phi = post.fluence[i]
+        if phi == 0:
+            continue
+        for slot in range(post.n_kept[i]):
+            eq = accumulate_normal_equations(
+                SerialComm(), images[i:i + 1].astype(np.float64) / phi,
+                grid[post.indices[i, slot]][None], s, extent, M,
+                weights=pix_w * post.weights[i, slot] * phi, eps=1e-9)
+            ref = eq if ref is None else add_normal_equations(ref, eq)
+    tol = 1e-12  # the same linear spreading of the same points; only summation order differs
+    assert np.abs(got.rhs - ref.rhs).max() <= tol * np.abs(ref.rhs).max()
+    assert np.abs(got.spectrum - ref.spectrum).max() <= tol * np.abs(ref.spectrum).max()
+    assert got.weight_sum == pytest.approx(ref.weight_sum, rel=tol)
+    assert got.data_norm_sq == pytest.approx(ref.data_norm_sq, rel=tol)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_probabilistic_merge_independent_of_rank_count():
+    """Catches a missing Allreduce of a grid or scalar, or local images indexed globally."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    images, s, extent, grid, post, pix_w = _problem(seed=2)
+    a, b = block_range(len(images), comm.Get_size(), comm.Get_rank())
+    mine = _posterior(post.indices[a:b], post.weights[a:b], post.n_kept[a:b], post.fluence[a:b])
+    ref = accumulate_posterior_normal_equations(SerialComm(), images, post, grid, s, extent, M,
+                                                weights=pix_w, eps=1e-9)
+    got = accumulate_posterior_normal_equations(comm, images[a:b], mine, grid, s, extent, M,
+                                                weights=pix_w, eps=1e-9)
+    tol = 1e-12
+    assert np.abs(got.rhs - ref.rhs).max() <= tol * np.abs(ref.rhs).max()
+    assert np.abs(got.spectrum - ref.spectrum).max() <= tol * np.abs(ref.spectrum).max()
+    assert got.weight_sum == pytest.approx(ref.weight_sum, rel=tol)
+    assert got.data_norm_sq == pytest.approx(ref.data_norm_sq, rel=tol)
