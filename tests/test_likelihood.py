@@ -177,3 +177,19 @@ def test_photon_counts_policy():
         photon_counts(np.array([[-8.0, 1.0]], np.float32), 10.0, "f.h5")
     with pytest.raises(DatasetError, match="non-finite"):
         photon_counts(np.array([[np.nan, 1.0]], np.float32), 0.0, "f.h5")
+
+
+def test_config_keys_validated():
+    """Catches a Poisson key accepted out of range or an unknown score accepted."""
+    from spinifel.config import load_config
+    from spinifel.errors import ConfigError
+
+    cfg = load_config(None, ["algorithm.score=poisson", "data.adu_per_photon=12.5"])
+    assert cfg.algorithm.score == "poisson" and cfg.data.adu_per_photon == 12.5
+    for bad, key in (("algorithm.score=gauss", "algorithm.score"),
+                     ("algorithm.posterior_mass=0", "algorithm.posterior_mass"),
+                     ("algorithm.beta_start=2", "algorithm.beta_start"),
+                     ("algorithm.fluence=none", "algorithm.fluence"),
+                     ("data.adu_per_photon=-1", "data.adu_per_photon")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(None, [bad])
