@@ -109,3 +109,36 @@ def test_probabilistic_merge_independent_of_rank_count():
     assert np.abs(got.spectrum - ref.spectrum).max() <= tol * np.abs(ref.spectrum).max()
     assert got.weight_sum == pytest.approx(ref.weight_sum, rel=tol)
     assert got.data_norm_sq == pytest.approx(ref.data_norm_sq, rel=tol)
+
+
+def test_device_path_matches_host(monkeypatch):
+    """Catches host arrays mixed into device arithmetic (score, posterior, merge) on a GPU.
+
+    Runs the whole chain on the numpy-backed CuPy stand-in, which refuses a host operand in
+    a device ufunc like CuPy does, and compares with the numpy path.
+    """
+    import fake_cupy
+
+    from spinifel.orientation.likelihood import score_orientations
+
+    images, s, extent, grid, _, pix_w = _problem(seed=3, J=30)
+    rng = np.random.default_rng(3)
+    slices = rng.gamma(1.0, 2.0 / 9, (len(grid), images.shape[1])).astype(np.float32)
+    kw = {"beta": 0.5, "max_kept": 4, "posterior_mass": 0.99, "image_batch": 7}
+
+    def chain(xp_images, xp_slices, xp_s, fluence):
+        batches = [(a, xp_slices[a:a + 8]) for a in range(0, len(grid), 8)]
+        post = score_orientations(xp_images, batches, fluence=fluence, **kw)
+        eq = accumulate_posterior_normal_equations(SerialComm(), xp_images, post, grid, xp_s,
+                                                   extent, M, weights=pix_w, eps=1e-9)
+        return post, eq
+
+    host_post, host_eq = chain(images, slices, s, np.ones(len(images)))
+    cp = fake_cupy.install(monkeypatch)
+    dev_post, dev_eq = chain(cp.asarray(images), cp.asarray(slices), cp.asarray(s),
+                             cp.ones(len(images)))
+    assert isinstance(dev_post.weights, cp.ndarray) and isinstance(dev_eq.rhs, cp.ndarray)
+    assert np.array_equal(dev_post.indices.get(), host_post.indices)
+    assert np.allclose(dev_post.weights.get(), host_post.weights, rtol=1e-12)
+    assert np.allclose(dev_eq.rhs.get(), host_eq.rhs, rtol=1e-9, atol=1e-9 * np.abs(host_eq.rhs).max())
+    assert dev_eq.data_norm_sq == pytest.approx(host_eq.data_norm_sq, rel=1e-12)
