@@ -118,7 +118,6 @@ def test_device_path_matches_host(monkeypatch):
     a device ufunc like CuPy does, and compares with the numpy path.
     """
     import fake_cupy
-
     from spinifel.orientation.likelihood import score_orientations
 
     images, s, extent, grid, _, pix_w = _problem(seed=3, J=30)
