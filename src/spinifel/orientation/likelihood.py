@@ -105,10 +105,12 @@ def poisson_scores(images: Any, log_w: Any, slice_sums: Any, *, fluence: Any = N
         The GEMM ``K log W^T`` (accumulated in the images' dtype) minus the fluence term.
     """
     xp = get_array_module(images, log_w)
-    cross = (images @ log_w.T).astype(np.float64)  # (n, B) GEMM, dominates the cost
+    out = (images @ log_w.T).astype(np.float64)  # (n, B) GEMM, dominates the cost
     if fit_scale:
-        return cross - xp.asarray(n_photons)[:, None] * xp.log(slice_sums)[None, :]
-    return cross - xp.asarray(fluence)[:, None] * slice_sums[None, :]
+        out -= xp.asarray(n_photons)[:, None] * xp.log(slice_sums)[None, :]
+    else:
+        out -= xp.asarray(fluence)[:, None] * slice_sums[None, :]
+    return out
 
 
 def initial_fluence(n_photons: Any, mean_slice_sum: float) -> Any:
@@ -256,16 +258,16 @@ class PosteriorState:
         after the first of the same orientation batch (``n_seen`` counts orientations once).
         """
         xp = get_array_module(scores)
-        bl = self.beta * scores
+        t = self.beta * scores
         m_old = self.run_max[rows]
-        m_new = xp.maximum(m_old, xp.max(bl, axis=1))
-        t = bl - m_new[:, None]
+        m_new = xp.maximum(m_old, xp.max(t, axis=1))
+        t -= m_new[:, None]  # in place: t_j = beta L_kj - max
         e = xp.exp(t)
         # rescale the old sums to the new maximum; exp(-inf - finite) = 0 on the first batch
         d = xp.where(xp.isfinite(m_old), m_old - m_new, 0.0)
         c = xp.exp(d)
         s_old = self.run_sum[rows]
-        self.run_t[rows] = c * (self.run_t[rows] + d * s_old) + xp.sum(e * t, axis=1)
+        self.run_t[rows] = c * (self.run_t[rows] + d * s_old) + xp.einsum("ij,ij->i", e, t)
         self.run_sum[rows] = c * s_old + xp.sum(e, axis=1)
         self.run_s[rows] = c * self.run_s[rows] + e @ slice_sums
         self.run_max[rows] = m_new
