@@ -12,6 +12,7 @@ from spinifel.orientation.likelihood import (
     log_slices,
     photon_counts,
     poisson_scores,
+    posterior_settings,
     score_orientations,
     update_fluence,
 )
@@ -180,12 +181,16 @@ def test_photon_counts_policy():
 
 
 def test_config_keys_validated():
-    """Catches a Poisson key accepted out of range or an unknown score accepted."""
+    """Catches a Poisson key accepted out of range, an unknown score accepted or settings mis-read."""
     from spinifel.config import load_config
     from spinifel.errors import ConfigError
 
     cfg = load_config(None, ["algorithm.score=poisson", "data.adu_per_photon=12.5"])
     assert cfg.algorithm.score == "poisson" and cfg.data.adu_per_photon == 12.5
+    kw = posterior_settings(load_config(None, ["algorithm.generations=9",
+                                               "algorithm.beta_start=0.04"]).algorithm, 1)
+    assert kw["beta"] == pytest.approx(0.04) and kw["fit_scale"] is True
+    assert kw["max_kept"] == 32 and kw["posterior_mass"] == 0.999 and kw["floor_rel"] == 1e-3
     for bad, key in (("algorithm.score=gauss", "algorithm.score"),
                      ("algorithm.posterior_mass=0", "algorithm.posterior_mass"),
                      ("algorithm.beta_start=2", "algorithm.beta_start"),
@@ -193,3 +198,13 @@ def test_config_keys_validated():
                      ("data.adu_per_photon=-1", "data.adu_per_photon")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_config(None, [bad])
+
+
+def test_cap_larger_than_grid(rng):
+    """Catches unfilled top-k slots (fewer orientations than the cap) kept with weight > 0."""
+    images, slices = _problem(rng, J=5)
+    post = score_orientations(images, _batches(slices, 2), beta=0.01, max_kept=8,
+                              posterior_mass=1.0, fluence=np.ones(images.shape[0]))
+    assert np.all(post.n_kept == 5) and np.all(post.indices[:, 5:] == -1)
+    assert np.all(post.weights[:, 5:] == 0) and np.allclose(post.weights.sum(1), 1.0)
+    assert np.all(np.sort(post.indices[:, :5], axis=1) == np.arange(5))

@@ -392,6 +392,29 @@ def beta_schedule(generation: int, generations: int, beta_start: float, beta_end
     return float(beta_start * (beta_end / beta_start) ** ((g - 1) / (ramp - 1)))
 
 
+def posterior_settings(algorithm: Any, generation: int) -> dict[str, Any]:
+    """Keyword arguments of :func:`score_orientations` from the config at a generation.
+
+    Parameters
+    ----------
+    algorithm : spinifel.config.AlgorithmConfig
+        Reads ``generations``, ``orientations_per_image``, ``posterior_mass``,
+        ``beta_start``, ``beta_end``, ``beta_ramp``, ``fluence`` and ``likelihood_floor``.
+    generation : int
+        M-TIP generation (1 = the first scored one).
+
+    Returns
+    -------
+    dict
+        ``beta``, ``max_kept``, ``posterior_mass``, ``fit_scale``, ``floor_rel`` (add
+        ``fluence`` and ``image_batch``).
+    """
+    a = algorithm
+    return {"beta": beta_schedule(generation, a.generations, a.beta_start, a.beta_end, a.beta_ramp),
+            "max_kept": a.orientations_per_image, "posterior_mass": a.posterior_mass,
+            "fit_scale": a.fluence == "fitted", "floor_rel": a.likelihood_floor}
+
+
 def photon_counts(images: Any, adu_per_photon: float, source: str, dataset: str = "images",
                   integer_tol: float = 1e-3, noise_tol: float = 0.5) -> Any:
     """Images as photon counts for the Poisson score, or a DatasetError naming the data.
