@@ -20,8 +20,10 @@ The scalars generalise the same way: ``weight_sum = sum_p w_p sum_kj P_kj phi_k`
 diagonal entry of ``N``) and ``data_norm_sq = sum_kj P_kj ||K_k||_D^2 / phi_k``. Images with
 ``phi_k = 0`` (no photons) contribute nothing.
 
-Pairs (image, kept orientation, weight) are expanded per block of ``image_batch`` images,
-so the NUFFT points of one call are at most ``image_batch * k * P``.
+The kept (image, orientation, weight) pairs of all local images are listed (``O(n k)``
+integers) and merged ``image_batch`` pairs per NUFFT call, so one call holds at most
+``image_batch * P`` points, as in the hard merge; with one orientation per image the pairs
+are the images and the batches are the same.
 """
 
 from __future__ import annotations
@@ -39,13 +41,13 @@ from spinifel.parallel.collectives import allreduce_sum
 from spinifel.slicing import rotated_points
 
 
-def _pairs(indices: np.ndarray, weights: np.ndarray, n_kept: np.ndarray, fluence: np.ndarray,
-           a: int, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Kept (image, orientation, P, phi) pairs of images ``a:b`` (host), image-major."""
+def _pairs(indices: np.ndarray, weights: np.ndarray, n_kept: np.ndarray,
+           fluence: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Kept (image, orientation, P, phi) pairs of the local images (host), image-major."""
     k = indices.shape[1]
-    keep = (np.arange(k)[None, :] < n_kept[a:b, None]) & (fluence[a:b, None] > 0)
+    keep = (np.arange(k)[None, :] < n_kept[:, None]) & (fluence[:, None] > 0)
     img, slot = np.nonzero(keep)
-    return img, indices[a + img, slot], weights[a + img, slot], fluence[a + img]
+    return img, indices[img, slot], weights[img, slot], fluence[img]
 
 
 def accumulate_posterior_normal_equations(
@@ -75,7 +77,7 @@ def accumulate_posterior_normal_equations(
     weights : array (P,) or None
         Pixel weights ``D`` (None = 1).
     image_batch : int
-        Images per NUFFT call; a call holds at most ``image_batch * k`` orientations.
+        (Image, orientation) pairs per NUFFT call (memory as the hard merge's images).
 
     Returns
     -------
@@ -96,22 +98,17 @@ def accumulate_posterior_normal_equations(
     plan_rhs = Type1((M,) * 3, eps, np.float64, nthreads, xp=xp)
     plan_kern = Type1((2 * M,) * 3, eps, np.float64, nthreads, xp=xp)
     data_sq, weight_total = 0.0, 0.0
-    for a in range(0, images.shape[0], image_batch):
-        b = min(a + image_batch, images.shape[0])
-        img, orient, p, f = _pairs(idx, pw, nk, phi, a, b)
-        if len(img) == 0:
-            continue
+    pairs = _pairs(idx, pw, nk, phi)
+    for a in range(0, len(pairs[0]), image_batch):
+        img, orient, p, f = (v[a:a + image_batch] for v in pairs)
         pts = rotated_points(grid[orient], positions, reciprocal_extent, np.float64)
-        x = xp.asarray(images[a:b], dtype=np.float64)
-        xi = x[to_module(img, xp)] if len(img) != b - a or np.any(img != np.arange(b - a)) else x
+        x = xp.asarray(images[to_module(img, xp)], dtype=np.float64)
         plan_rhs.setpts(pts)
-        rhs += plan_rhs.execute(((xi * w) * to_module(p, xp)[:, None]).ravel())
+        rhs += plan_rhs.execute(((x * w) * to_module(p, xp)[:, None]).ravel())
         plan_kern.setpts(pts)
         kern += plan_kern.execute((to_module(p * f, xp)[:, None] * w[None, :]).ravel())
-        # ||K||_D^2 / phi times the image's kept mass (1 after renormalisation)
-        mass = np.bincount(img, weights=p, minlength=b - a)
-        scale = np.sqrt(mass / np.where(phi[a:b] > 0, phi[a:b], 1.0))
-        xs = x * to_module(scale, xp)[:, None]  # x * 1.0 is x bitwise
+        # sum over pairs of P ||K||_D^2 / phi; x * sqrt(1 / 1) is x bitwise
+        xs = x * to_module(np.sqrt(p / f), xp)[:, None]
         data_sq += float(to_module(((xs * xs) @ w).sum(), np)) if xp is not np else float(
             np.einsum("np,np,p->", xs, xs, w, dtype=np.float64))
         weight_total += float(np.sum(p * f))
