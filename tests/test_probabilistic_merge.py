@@ -49,19 +49,36 @@ def _one_hot(posterior):
                       np.ones(n))
 
 
-def test_one_hot_posterior_equals_hard_merge_bitwise():
-    """Catches any change of values, weights, batching or scalars in the hard-assignment limit."""
-    images, s, extent, grid, post, pix_w = _problem()
+def _roundoff_tol(n_terms):
+    """Relative tolerance for two summation orders of the same float64 NUFFT strengths.
+
+    A sum of ``n`` terms in another order differs by at most ``(n - 1) eps sum|terms|``;
+    the spreading kernel and the deconvolution factors are O(1), and the grids are compared
+    relative to their largest entry, which the random positive data keep within a factor of
+    about 10 of ``sum|terms|`` per mode: ``10 n eps``.
+    """
+    return 10 * n_terms * np.finfo(np.float64).eps
+
+
+def test_one_hot_posterior_equals_hard_merge():
+    """Catches any change of values, weights or scalars in the hard-assignment limit.
+
+    Images sharing an orientation are summed before the NUFFT, so the two agree to
+    float64 round-off of the summation order, not bitwise.
+    """
+    images, s, extent, grid, post, pix_w = _problem(J=12)
     hard = _one_hot(post)
+    assert len(np.unique(hard.indices[:, 0])) < len(images)  # aggregation does happen
     q = grid[hard.indices[:, 0]]
     ref = accumulate_normal_equations(SerialComm(), images, q, s, extent, M, weights=pix_w,
                                       eps=1e-9, image_batch=5)
     got = accumulate_posterior_normal_equations(SerialComm(), images, hard, grid, s, extent, M,
                                                 weights=pix_w, eps=1e-9, image_batch=5)
-    assert np.array_equal(got.rhs, ref.rhs)
-    assert np.array_equal(got.spectrum, ref.spectrum)
+    tol = _roundoff_tol(len(images) * images.shape[1])
+    assert np.abs(got.rhs - ref.rhs).max() <= tol * np.abs(ref.rhs).max()
+    assert np.abs(got.spectrum - ref.spectrum).max() <= tol * np.abs(ref.spectrum).max()
     assert got.weight_sum == ref.weight_sum
-    assert got.data_norm_sq == ref.data_norm_sq
+    assert got.data_norm_sq == pytest.approx(ref.data_norm_sq, rel=tol)
 
 
 def test_equals_duplicated_images_reference():
@@ -84,7 +101,7 @@ def test_equals_duplicated_images_reference():
                 grid[post.indices[i, slot]][None], s, extent, M,
                 weights=pix_w * post.weights[i, slot] * phi, eps=1e-9)
             ref = eq if ref is None else add_normal_equations(ref, eq)
-    tol = 1e-12  # the same linear spreading of the same points; only summation order differs
+    tol = _roundoff_tol(int(post.n_kept.sum()) * images.shape[1])  # only the order of sums differs
     assert np.abs(got.rhs - ref.rhs).max() <= tol * np.abs(ref.rhs).max()
     assert np.abs(got.spectrum - ref.spectrum).max() <= tol * np.abs(ref.spectrum).max()
     assert got.weight_sum == pytest.approx(ref.weight_sum, rel=tol)
@@ -104,7 +121,7 @@ def test_probabilistic_merge_independent_of_rank_count():
                                                 weights=pix_w, eps=1e-9)
     got = accumulate_posterior_normal_equations(comm, images[a:b], mine, grid, s, extent, M,
                                                 weights=pix_w, eps=1e-9)
-    tol = 1e-12
+    tol = _roundoff_tol(int(post.n_kept.sum()) * images.shape[1])
     assert np.abs(got.rhs - ref.rhs).max() <= tol * np.abs(ref.rhs).max()
     assert np.abs(got.spectrum - ref.spectrum).max() <= tol * np.abs(ref.spectrum).max()
     assert got.weight_sum == pytest.approx(ref.weight_sum, rel=tol)
