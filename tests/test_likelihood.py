@@ -208,3 +208,55 @@ def test_cap_larger_than_grid(rng):
     assert np.all(post.n_kept == 5) and np.all(post.indices[:, 5:] == -1)
     assert np.all(post.weights[:, 5:] == 0) and np.allclose(post.weights.sum(1), 1.0)
     assert np.all(np.sort(post.indices[:, :5], axis=1) == np.arange(5))
+
+
+def test_posterior_metrics_equal_direct_computation(rng):
+    """Catches a metric divided by the wrong count, a sum where a max is due (kept max), a
+    wrong key, or the information rate not ``log J - H``: two "ranks" of posteriors
+    reduced like the integrator does (sums, max of ``*_max``) against direct means over
+    all images of a dense softmax."""
+    from spinifel.orientation.likelihood import posterior_metrics
+    from spinifel.parallel.collectives import reduce_summary
+    from spinifel.parallel.context import SerialComm
+
+    images, slices = _problem(rng, n=30, J=41, photons=0.3)
+    images = images.astype(np.float64)
+    phi = rng.uniform(0.5, 2.0, 30)
+    beta, mass = 0.5, 0.9
+    parts = [score_orientations(images[a:b], _batches(slices, 16), beta=beta, max_kept=12,
+                                posterior_mass=mass, fluence=phi[a:b], floor_rel=1e-3)
+             for a, b in ((0, 11), (11, 30))]
+    sums = [reduce_summary(SerialComm(), p.summary()) for p in parts]
+    total = {k: sums[0][k] + sums[1][k] for k in sums[0] if not k.endswith("_max")}
+    total["n_kept_max"] = max(s["n_kept_max"] for s in sums)
+    got = posterior_metrics(total, beta)
+
+    L = _dense_scores(images, slices, 1e-3, fluence=phi)
+    S = np.maximum(slices.astype(np.float64), 1e-3 * slices.mean(1, keepdims=True)).sum(1)
+    p, H, _ = _dense_posterior(L, beta, S)
+    srt = -np.sort(-p, axis=1)[:, :12]
+    cum = np.cumsum(srt, axis=1)
+    kept = np.minimum((cum[:, :-1] < mass).sum(1) + 1, 12)
+    dropped = 1 - np.array([srt[i, :kept[i]].sum() for i in range(30)])
+    want = {"log_likelihood": L.max(1).mean(), "entropy": H.mean(),
+            "mutual_information": (math.log(41) - H).mean(), "beta": beta,
+            "orientations_kept_mean": kept.mean(), "orientations_kept_max": kept.max(),
+            "dropped_mass": dropped.mean(), "fluence": phi.mean(), "n_images": 30}
+    assert set(got) == set(want)
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-9, abs=1e-9), k
+    assert got["orientations_kept_max"] > got["orientations_kept_mean"]  # the max is a max
+
+
+@pytest.mark.mpi(min_size=2)
+def test_reduce_summary_sums_and_maxes_over_ranks():
+    """Catches ``n_kept_max`` summed over ranks instead of maximised, or a sum left local."""
+    from mpi4py import MPI
+
+    from spinifel.parallel.collectives import reduce_summary
+
+    comm = MPI.COMM_WORLD
+    r, size = comm.Get_rank(), comm.Get_size()
+    got = reduce_summary(comm, {"n": float(r + 1), "entropy": 0.5 * r, "n_kept_max": float(r + 3)})
+    assert got == {"n": size * (size + 1) / 2, "entropy": 0.25 * size * (size - 1),
+                   "n_kept_max": float(size + 2)}

@@ -113,6 +113,8 @@ class AlgorithmConfig:
     beta_ramp: int
     fluence: str
     likelihood_floor: float
+    background: str
+    background_shells: int
     use_true_orientations: bool
     nufft_eps_slicing: float
     nufft_eps_merge: float
@@ -215,6 +217,10 @@ class AlgorithmConfig:
                f"must be 'emc' or 'fitted', got {self.fluence!r}")
         _check(0 < self.likelihood_floor < 1, a + "likelihood_floor",
                f"must be in (0, 1), got {self.likelihood_floor}")
+        _check(self.background in ("none", "flat", "radial"), a + "background",
+               f"must be 'none', 'flat' or 'radial', got {self.background!r}")
+        _check(self.background_shells >= 1, a + "background_shells",
+               f"must be >= 1, got {self.background_shells}")
 
 
 @dataclass(frozen=True)

@@ -157,6 +157,9 @@ class Posterior:
         ``mean_j S_j`` over all orientations (the next first-generation fluence reference).
     beta : float
         Inverse temperature used.
+    mean_slice : array (P,) float64 or None
+        The model slices (without background) averaged over all orientations scored: the
+        orientation-averaged intensity ``<W>_p`` of :mod:`spinifel.orientation.background`.
     """
 
     indices: Any
@@ -170,6 +173,7 @@ class Posterior:
     n_orientations: int
     mean_slice_sum: float
     beta: float
+    mean_slice: Any = None
 
     def mutual_information(self) -> Any:
         """EMC's information rate per image, ``sum_j P_kj log(P_kj J) = log J - H_k`` (nats)."""
@@ -179,16 +183,51 @@ class Posterior:
         """Local sums for the per-generation metrics (reduce over ranks, then divide by n).
 
         Keys: ``n`` (images), ``log_likelihood``, ``entropy``, ``mutual_information``,
-        ``n_kept``, ``dropped_mass`` (sums over the local images).
+        ``n_kept``, ``dropped_mass``, ``fluence`` (sums over the local images) and
+        ``n_kept_max`` (a maximum: reduce it with MAX, see
+        :func:`spinifel.parallel.collectives.reduce_summary`). Turn the reduced sums into
+        the metrics with :func:`posterior_metrics`.
         """
         xp = get_array_module(self.weights)
+        n = self.indices.shape[0]
         vals = xp.stack([xp.sum(self.log_likelihood), xp.sum(self.entropy),
                          xp.sum(self.mutual_information()),
-                         xp.sum(self.n_kept).astype(np.float64), xp.sum(self.dropped_mass)])
+                         xp.sum(self.n_kept).astype(np.float64), xp.sum(self.dropped_mass),
+                         xp.sum(xp.asarray(self.fluence, dtype=np.float64)),
+                         (xp.max(self.n_kept) if n else xp.zeros((), np.int64)).astype(np.float64)])
         v = to_module(vals, np)
-        return {"n": float(self.indices.shape[0]), "log_likelihood": float(v[0]),
-                "entropy": float(v[1]), "mutual_information": float(v[2]),
-                "n_kept": float(v[3]), "dropped_mass": float(v[4])}
+        return {"n": float(n), "log_likelihood": float(v[0]), "entropy": float(v[1]),
+                "mutual_information": float(v[2]), "n_kept": float(v[3]),
+                "dropped_mass": float(v[4]), "fluence": float(v[5]), "n_kept_max": float(v[6])}
+
+
+def posterior_metrics(sums: dict[str, float], beta: float) -> dict[str, float]:
+    """Per-generation metrics from the :meth:`Posterior.summary` sums over ALL ranks.
+
+    Parameters
+    ----------
+    sums : dict
+        :meth:`Posterior.summary` reduced over the ranks (sums, and the maximum for
+        ``n_kept_max``; :func:`spinifel.parallel.collectives.reduce_summary`).
+    beta : float
+        Inverse temperature of the generation (the same on every rank).
+
+    Returns
+    -------
+    dict
+        ``log_likelihood`` (mean over images of ``L`` at the best orientation),
+        ``entropy`` (mean posterior entropy, nats), ``mutual_information`` (mean
+        ``log J - H``, nats: EMC's information rate), ``beta``, ``orientations_kept_mean``,
+        ``orientations_kept_max``, ``dropped_mass`` (mean), ``fluence`` (mean), ``n_images``.
+    """
+    n = sums["n"]
+    if not n > 0:
+        raise ValueError("posterior_metrics needs at least one image over all ranks")
+    return {"log_likelihood": sums["log_likelihood"] / n, "entropy": sums["entropy"] / n,
+            "mutual_information": sums["mutual_information"] / n, "beta": float(beta),
+            "orientations_kept_mean": sums["n_kept"] / n,
+            "orientations_kept_max": sums["n_kept_max"], "dropped_mass": sums["dropped_mass"] / n,
+            "fluence": sums["fluence"] / n, "n_images": n}
 
 
 def _top_k(scores: Any, idx: Any, k: int) -> tuple[Any, Any]:
@@ -317,7 +356,7 @@ class PosteriorState:
 def score_orientations(images: Any, slice_batches: Iterable[tuple[int, Any]], *, beta: float,
                        max_kept: int, posterior_mass: float, fluence: Any = None,
                        fit_scale: bool = False, floor_rel: float = DEFAULT_FLOOR_REL,
-                       image_batch: int = 4096) -> Posterior:
+                       image_batch: int = 4096, background_per_fluence: Any = None) -> Posterior:
     """Orientation posterior of every local image over a stream of model-slice batches.
 
     Parameters
@@ -338,11 +377,16 @@ def score_orientations(images: Any, slice_batches: Iterable[tuple[int, Any]], *,
         scoring generation, :func:`update_fluence` of the previous posterior afterwards.
     fit_scale : bool
         Fitted per-pair fluence score instead of the EMC fluence (module doc).
+    background_per_fluence : array (P,) or None
+        ``b / phi_ref`` (:func:`spinifel.orientation.background.background_per_fluence`),
+        added to every slice before the log: the score of the model with background
+        (derivation in :mod:`spinifel.orientation.background`). None = no background.
 
     Returns
     -------
     Posterior
-        Memory ``O(n k)``, independent of the number of orientations.
+        Memory ``O(n k)``, independent of the number of orientations; ``mean_slice`` is the
+        orientation average of the slices as given (without the background).
     """
     xp = get_array_module(images)
     n = images.shape[0]
@@ -351,15 +395,23 @@ def score_orientations(images: Any, slice_batches: Iterable[tuple[int, Any]], *,
     n_photons = xp.sum(images, axis=1, dtype=np.float64)
     phi = None if fit_scale else xp.asarray(fluence, dtype=np.float64)
     state = PosteriorState.empty(n, max_kept, beta, xp)
+    slice_total = xp.zeros(images.shape[1])
+    bg = None if background_per_fluence is None else xp.asarray(background_per_fluence)
     for offset, slices in slice_batches:
-        log_w, sums = log_slices(xp.asarray(slices, dtype=images.dtype), floor_rel)
+        w = xp.asarray(slices, dtype=images.dtype)
+        slice_total += xp.sum(w, axis=0, dtype=np.float64)
+        if bg is not None:
+            w = (w + bg[None, :]).astype(images.dtype)
+        log_w, sums = log_slices(w, floor_rel)
         for a in range(0, n, image_batch):
             b = min(a + image_batch, n)
             sc = poisson_scores(images[a:b], log_w, sums,
                                 fluence=None if phi is None else phi[a:b],
                                 n_photons=n_photons[a:b], fit_scale=fit_scale)
             state.update(sc, offset, sums, slice(a, b), count=a == 0)
-    return state.finalize(posterior_mass, phi, n_photons)
+    post = state.finalize(posterior_mass, phi, n_photons)
+    post.mean_slice = slice_total / max(state.n_seen, 1)
+    return post
 
 
 def beta_schedule(generation: int, generations: int, beta_start: float, beta_end: float = 1.0,
