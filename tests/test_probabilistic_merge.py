@@ -81,24 +81,30 @@ def test_one_hot_posterior_equals_hard_merge():
     assert got.data_norm_sq == pytest.approx(ref.data_norm_sq, rel=tol)
 
 
-def test_equals_duplicated_images_reference():
-    """Catches a wrong weight (P vs P phi) on data or kernel, a lost pair, or wrong scalars.
+@pytest.mark.parametrize("with_background", [False, True])
+def test_equals_duplicated_images_reference(with_background):
+    """Catches a wrong weight (P vs P phi) on data or kernel, a lost pair, wrong scalars, a
+    wrong per-orientation aggregation, or a background subtracted with the wrong mass.
 
     Reference: each (image k, orientation j) pair merged alone by the hard merge, with image
-    ``K_k / phi_k`` and pixel weights ``w P_kj phi_k``, and the normal equations summed.
+    ``(K_k - b) / phi_k`` and pixel weights ``w P_kj phi_k``, and the normal equations summed.
     """
     images, s, extent, grid, post, pix_w = _problem(seed=1)
+    kept = post.indices[post.indices >= 0]
+    assert len(np.unique(kept)) < len(kept)  # some orientations are shared: aggregation
+    bg = np.random.default_rng(9).uniform(0.0, 0.3, s.shape[1]) if with_background else None
     got = accumulate_posterior_normal_equations(SerialComm(), images, post, grid, s, extent, M,
-                                                weights=pix_w, eps=1e-9, image_batch=4)
+                                                weights=pix_w, eps=1e-9, image_batch=4,
+                                                background=bg)
     ref = None
     for i in range(len(images)):
         phi = post.fluence[i]
         if phi == 0:
             continue
+        x = images[i:i + 1].astype(np.float64) - (0.0 if bg is None else bg)
         for slot in range(post.n_kept[i]):
             eq = accumulate_normal_equations(
-                SerialComm(), images[i:i + 1].astype(np.float64) / phi,
-                grid[post.indices[i, slot]][None], s, extent, M,
+                SerialComm(), x / phi, grid[post.indices[i, slot]][None], s, extent, M,
                 weights=pix_w * post.weights[i, slot] * phi, eps=1e-9)
             ref = eq if ref is None else add_normal_equations(ref, eq)
     tol = _roundoff_tol(int(post.n_kept.sum()) * images.shape[1])  # only the order of sums differs
