@@ -163,6 +163,34 @@ class _CuPlan:
         return self._plan.execute(data.view(np.ndarray)).view(ndarray)
 
 
+class _CsrMatrix:
+    """``cupyx.scipy.sparse.csr_matrix`` from device (data, indices, indptr), ``@`` a device array."""
+
+    def __init__(self, arg, shape):
+        import scipy.sparse
+
+        for a in arg:
+            if not isinstance(a, ndarray):
+                raise TypeError("cupyx.scipy.sparse.csr_matrix needs device arrays")
+        self._m = scipy.sparse.csr_matrix(tuple(a.view(np.ndarray) for a in arg), shape=shape)
+        self.shape = self._m.shape
+
+    def __matmul__(self, other):
+        if not isinstance(other, ndarray):
+            raise TypeError("fake cupyx: host operand of a device sparse product")
+        return np.asarray(self._m @ other.view(np.ndarray)).view(ndarray)
+
+
+def _cupyx_modules() -> dict[str, types.ModuleType]:
+    mods = {n: types.ModuleType(n) for n in ("cupyx", "cupyx.scipy", "cupyx.scipy.sparse")}
+    for n, m in mods.items():
+        m.__spec__ = importlib.machinery.ModuleSpec(n, None)
+    mods["cupyx"].scipy = mods["cupyx.scipy"]
+    mods["cupyx.scipy"].sparse = mods["cupyx.scipy.sparse"]
+    mods["cupyx.scipy.sparse"].csr_matrix = _CsrMatrix
+    return mods
+
+
 def install(monkeypatch) -> types.ModuleType:
     """Put the stand-ins in ``sys.modules`` and the fused kernel's reference in its place."""
     import sys
@@ -175,6 +203,8 @@ def install(monkeypatch) -> types.ModuleType:
     cuf.Plan = _CuPlan
     monkeypatch.setitem(sys.modules, "cupy", cp)
     monkeypatch.setitem(sys.modules, "cufinufft", cuf)
+    for name, mod in _cupyx_modules().items():
+        monkeypatch.setitem(sys.modules, name, mod)
 
     def fused(images, slices, weights, scale_per_image=False, slice_offset=0, block=256):
         for a in (images, slices, weights):

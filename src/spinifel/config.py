@@ -39,6 +39,7 @@ class DataConfig:
     n_images: int
     negative: str
     format: str
+    adu_per_photon: float
 
     def __post_init__(self) -> None:
         _check(self.n_images >= 0, "data.n_images", f"must be >= 0, got {self.n_images}")
@@ -46,6 +47,8 @@ class DataConfig:
                f"must be 'error' or 'clip', got {self.negative!r}")
         _check(self.format in ("auto", "skopi", "cxi"), "data.format",
                f"must be 'auto', 'skopi' or 'cxi', got {self.format!r}")
+        _check(self.adu_per_photon >= 0, "data.adu_per_photon",
+               f"must be >= 0 (0 = already photons), got {self.adu_per_photon}")
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,16 @@ class AlgorithmConfig:
     refine_rounds: int
     refine_generations: int
     refine_stencil: str
+    score: str
+    orientations_per_image: int
+    posterior_mass: float
+    beta_start: float
+    beta_end: float
+    beta_ramp: int
+    fluence: str
+    likelihood_floor: float
+    background: str
+    background_shells: int
     use_true_orientations: bool
     nufft_eps_slicing: float
     nufft_eps_merge: float
@@ -165,6 +178,7 @@ class AlgorithmConfig:
                f"must be 'axes' or 'cube', got {self.refine_stencil!r}")
         _check(self.refine_generations >= 0, a + "refine_generations",
                f"must be >= 0, got {self.refine_generations}")
+        self._check_poisson()
         for k in ("nufft_eps_slicing", "nufft_eps_merge"):
             v = getattr(self, k)
             _check(1e-15 <= v <= 1e-1, a + k, f"must be in [1e-15, 0.1], got {v}")
@@ -185,6 +199,28 @@ class AlgorithmConfig:
                f"must be in (0, 1), got {self.shrinkwrap_threshold}")
         for k in ("orientation_change_tol", "density_change_tol"):
             _check(0 <= getattr(self, k) < 1, a + k, f"must be in [0, 1), got {getattr(self, k)}")
+
+
+    def _check_poisson(self) -> None:
+        a = "algorithm."
+        _check(self.score in ("euclidean", "poisson"), a + "score",
+               f"must be 'euclidean' or 'poisson', got {self.score!r}")
+        _check(1 <= self.orientations_per_image <= 4096, a + "orientations_per_image",
+               f"must be in [1, 4096], got {self.orientations_per_image}")
+        _check(0 < self.posterior_mass <= 1, a + "posterior_mass",
+               f"must be in (0, 1], got {self.posterior_mass}")
+        _check(0 < self.beta_start <= self.beta_end, a + "beta_start",
+               f"must be in (0, beta_end = {self.beta_end}], got {self.beta_start}")
+        _check(0 < self.beta_end <= 100, a + "beta_end", f"must be in (0, 100], got {self.beta_end}")
+        _check(self.beta_ramp >= 0, a + "beta_ramp", f"must be >= 0 (0 = auto), got {self.beta_ramp}")
+        _check(self.fluence in ("emc", "fitted"), a + "fluence",
+               f"must be 'emc' or 'fitted', got {self.fluence!r}")
+        _check(0 < self.likelihood_floor < 1, a + "likelihood_floor",
+               f"must be in (0, 1), got {self.likelihood_floor}")
+        _check(self.background in ("none", "flat", "radial"), a + "background",
+               f"must be 'none', 'flat' or 'radial', got {self.background!r}")
+        _check(self.background_shells >= 1, a + "background_shells",
+               f"must be >= 1, got {self.background_shells}")
 
 
 @dataclass(frozen=True)

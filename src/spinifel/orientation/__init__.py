@@ -1,2 +1,3 @@
-"""Orientation stage: slicing the model (type-2 NUFFT), matching images to slices (GEMM),
-the coarse-to-fine search and off-grid refinement."""
+"""Orientation stage: slicing the model (type-2 NUFFT), scoring images against slices
+(Euclidean GEMM or Poisson likelihood with orientation posteriors), the coarse-to-fine
+search and off-grid refinement."""

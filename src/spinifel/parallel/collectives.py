@@ -145,3 +145,36 @@ def ring_shift(comm: Any, value: Any) -> Any:
 def barrier(comm: Any) -> None:
     """Wait for every rank of ``comm``."""
     comm.Barrier()
+
+
+def reduce_summary(comm: Any, summary: dict[str, float]) -> dict[str, float]:
+    """Reduce a :meth:`Posterior.summary` over all ranks: sums, and the maximum of ``*_max`` keys.
+
+    Parameters
+    ----------
+    comm : communicator
+        Collective; every rank passes a summary with the same keys.
+    summary : dict of float
+        Local sums (``n`` may be 0 on a rank without images).
+
+    Returns
+    -------
+    dict of float
+        The same keys, identical on every rank.
+    """
+    keys = sorted(summary)
+    sums = np.array([summary[k] for k in keys if not k.endswith("_max")], dtype=np.float64)
+    allreduce_sum(comm, sums)
+    maxes = [k for k in keys if k.endswith("_max")]
+    out = dict(zip([k for k in keys if not k.endswith("_max")], map(float, sums)))
+    if maxes:
+        local = np.array([summary[k] for k in maxes], dtype=np.float64)
+        if isinstance(comm, SerialComm) or comm.Get_size() == 1:
+            top = local
+        else:
+            from mpi4py import MPI
+
+            top = np.empty_like(local)
+            comm.Allreduce(local, top, op=MPI.MAX)
+        out.update(zip(maxes, map(float, top)))
+    return out

@@ -1,0 +1,207 @@
+"""Normal equations of the merge with orientation posteriors (the expectation of the hard merge).
+
+Derivation. With a posterior ``P_kj`` over orientations and fluence ``phi_k`` per image, the
+merge minimises the expected, fluence-weighted least squares over the good pixels (pixel
+weights ``D = diag(w)``)::
+
+    E(x) = sum_k sum_j P_kj phi_k || D^1/2 (A_j x - (K_k - b) / phi_k) ||^2,
+
+``A_j`` slicing the model at orientation ``j`` and ``b`` the background (photons per pixel,
+0 without one: the data minus the background estimate the signal ``phi_k W``, see
+:mod:`spinifel.orientation.background`). Setting the gradient to zero gives normal
+equations of the same form as the hard merge (:mod:`spinifel.merging.merge`)::
+
+    N = sum_kj (P_kj phi_k) A_j^* D A_j       (type-1 NUFFT of weights  P_kj phi_k w_p)
+    r = sum_kj  P_kj        A_j^* D (K_k - b) (type-1 NUFFT of values   P_kj w_p (K_kp - b_p))
+
+Pixel by pixel this is EMC's M-step ``W = sum P (K - b) / sum P phi``: the Poisson maximum
+likelihood update, with the weight ``phi_k`` the inverse of a Poisson variance
+``K / phi^2 ~ W / phi`` of the fluence-normalised image. The scalars generalise the same
+way: ``weight_sum = sum_p w_p sum_kj P_kj phi_k`` (every diagonal entry of ``N``) and
+``data_norm_sq = sum_kj P_kj ||K_k - b||_D^2 / phi_k``. Images with ``phi_k = 0`` (no
+photons) contribute nothing.
+
+Aggregation per orientation (EMC). Every image shares the same good pixels, so both sums
+over ``k`` are taken before the NUFFTs, orientation by orientation::
+
+    r = sum_j A_j^* D R_j,   R_j = sum_k P_kj (K_k - b)     (a sparse (J x n) @ (n x P) product)
+    N = sum_j c_j A_j^* D A_j,   c_j = sum_k P_kj phi_k      (a scalar per orientation)
+
+and the type-1 NUFFTs run once per orientation that carries weight on this rank (the
+"active" ones, ``J_a <= min(J, n k)``), as if each were an image ``R_j`` with pixel weights
+``c_j w``. The cost is that of a hard merge of ``J_a`` images, whatever the number kept per
+image; the sparse product costs ``O(n k P)``. The result equals the per-pair sum up to
+float64 round-off (the NUFFT is linear: only the summation order changes) and is summed
+over ranks by the same Allreduce, so it does not depend on the number of ranks beyond
+round-off. Memory: ``image_batch`` orientations per NUFFT call (``image_batch * P`` points,
+as the hard merge), and the images are converted to float64 ``image_batch`` at a time.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from typing import Any
+
+import numpy as np
+import scipy.sparse
+
+from spinifel.backend.arrays import get_array_module, to_module
+from spinifel.backend.nufft import Type1
+from spinifel.merging.merge import NormalEquations
+from spinifel.merging.operator import kernel_spectrum
+from spinifel.parallel.collectives import allreduce_sum
+from spinifel.geometry.points import rotated_points
+
+
+def _pairs(indices: np.ndarray, weights: np.ndarray, n_kept: np.ndarray,
+           fluence: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Kept (image, orientation, P, phi) pairs of the local images (host), image-major."""
+    k = indices.shape[1]
+    keep = (np.arange(k)[None, :] < n_kept[:, None]) & (fluence[:, None] > 0)
+    img, slot = np.nonzero(keep)
+    return img, indices[img, slot], weights[img, slot], fluence[img]
+
+
+def orientation_weights(posterior: Any) -> tuple[np.ndarray, scipy.sparse.csr_matrix,
+                                                 np.ndarray, np.ndarray]:
+    """The posterior as a sparse (active orientation x image) matrix, on the host.
+
+    Parameters
+    ----------
+    posterior : spinifel.orientation.likelihood.Posterior
+        Of the ``n`` local images (host or device; ``O(n k)`` values are copied to the host).
+
+    Returns
+    -------
+    active : ndarray (J_a,) int64
+        Grid indices of the orientations kept by some local image with ``phi > 0``, ascending.
+    matrix : scipy.sparse.csr_matrix (J_a, n) float64
+        ``P_kj`` at row ``active.searchsorted(j)``, column ``k``.
+    kernel_weight : ndarray (J_a,) float64
+        ``c_j = sum_k P_kj phi_k``.
+    mass : ndarray (J_a,) float64
+        ``sum_k P_kj`` (the background subtracted from ``R_j`` is ``mass_j b``).
+    """
+    idx = np.asarray(to_module(posterior.indices, np))
+    pw = np.asarray(to_module(posterior.weights, np), dtype=np.float64)
+    nk = np.asarray(to_module(posterior.n_kept, np))
+    phi = np.asarray(to_module(posterior.fluence, np), dtype=np.float64)
+    img, orient, p, f = _pairs(idx, pw, nk, phi)
+    active, row = np.unique(orient, return_inverse=True)
+    matrix = scipy.sparse.csr_matrix((p, (row, img)), shape=(len(active), len(nk)))
+    return (active.astype(np.int64), matrix, np.bincount(row, p * f, len(active)),
+            np.bincount(row, p, len(active)))
+
+
+def _sparse_to(matrix: scipy.sparse.csr_matrix, xp: Any) -> Any:
+    """The CSR matrix on the module of the images (cupyx.scipy.sparse on a GPU)."""
+    if xp is np:
+        return matrix
+    sp = importlib.import_module("cupyx.scipy.sparse")
+    return sp.csr_matrix((xp.asarray(matrix.data), xp.asarray(matrix.indices),
+                          xp.asarray(matrix.indptr)), shape=matrix.shape)
+
+
+def _aggregate(images: Any, rows: scipy.sparse.csr_matrix, xp: Any, image_batch: int) -> Any:
+    """``R = rows @ images`` (float64, ``(B, P)``), the images converted a block at a time."""
+    out = xp.zeros((rows.shape[0], images.shape[1]), dtype=np.float64)
+    csc = rows.tocsc()
+    used = np.flatnonzero(np.diff(csc.indptr))  # images with weight in these rows
+    for a in range(0, len(used), image_batch):
+        cols = used[a:a + image_batch]
+        x = xp.asarray(images[to_module(cols, xp)], dtype=np.float64)
+        out += _sparse_to(csc[:, cols].tocsr(), xp) @ x
+    return out
+
+
+def _data_norm_sq(images: Any, posterior: Any, w: Any, background: Any, xp: Any,
+                  image_batch: int) -> float:
+    """``sum_k (sum_j P_kj) ||K_k - b||_D^2 / phi_k`` over the images with ``phi_k > 0``."""
+    pw = np.asarray(to_module(posterior.weights, np), dtype=np.float64)
+    nk = np.asarray(to_module(posterior.n_kept, np))
+    phi = np.asarray(to_module(posterior.fluence, np), dtype=np.float64)
+    mass = np.where(np.arange(pw.shape[1])[None, :] < nk[:, None], pw, 0.0).sum(axis=1)
+    scale = np.where(phi > 0, mass / np.where(phi > 0, phi, 1.0), 0.0)
+    total = 0.0
+    for a in range(0, images.shape[0], image_batch):
+        x = xp.asarray(images[a:a + image_batch], dtype=np.float64)
+        if background is not None:
+            x = x - background
+        q = (x * x) @ w
+        total += float(to_module(q @ to_module(scale[a:a + image_batch], xp), np))
+    return total
+
+
+def accumulate_posterior_normal_equations(
+        comm: Any, images: Any, posterior: Any, grid: np.ndarray, positions: Any,
+        reciprocal_extent: float, M: int, weights: Any = None, eps: float = 1e-6,
+        nthreads: int = 1, image_batch: int = 1024, timings: dict | None = None,
+        cuda_aware_mpi: bool = False, background: Any = None) -> NormalEquations:
+    """Type-1 NUFFTs of this rank's posterior-aggregated data, summed over ranks.
+
+    Parameters
+    ----------
+    comm : communicator
+        All ranks call this collectively (Allreduce of the grids and scalars).
+    images : array (n_local, P)
+        Local photon counts at the good pixels (numpy or cupy; ``positions`` alike).
+    posterior : spinifel.orientation.likelihood.Posterior
+        ``indices``, ``weights``, ``n_kept`` and ``fluence`` of the local images (host or
+        device; copied to the host, they are ``O(n k)``).
+    grid : ndarray (J, 4)
+        The orientation grid the posterior indexes (identical on every rank).
+    positions : array (3, P)
+        Reciprocal positions of the good pixels, inverse metres.
+    reciprocal_extent : float
+        Largest ``|s|``, inverse metres.
+    M : int
+        Autocorrelation grid size.
+    weights : array (P,) or None
+        Pixel weights ``D`` (None = 1).
+    image_batch : int
+        Active orientations per NUFFT call, and images per float64 conversion block.
+    background : array (P,) float64 or None
+        Background ``b`` in photons per good pixel, subtracted from the data (None = 0).
+
+    Returns
+    -------
+    NormalEquations
+        Identical on every rank; equal to :func:`spinifel.merging.merge.accumulate_normal_equations`
+        with the argmax orientations, up to round-off, when the posterior is one-hot,
+        ``fluence = 1`` and there is no background.
+    """
+    t0 = time.perf_counter()
+    xp = get_array_module(images, positions)
+    P = positions.shape[1]
+    w = xp.ones(P) if weights is None else to_module(weights, xp, dtype=np.float64)
+    bg = None if background is None else to_module(background, xp, dtype=np.float64)
+    active, matrix, c, mass = orientation_weights(posterior)
+    rhs = xp.zeros((M, M, M), dtype=np.complex128)
+    kern = xp.zeros((2 * M,) * 3, dtype=np.complex128)
+    plan_rhs = Type1((M,) * 3, eps, np.float64, nthreads, xp=xp)
+    plan_kern = Type1((2 * M,) * 3, eps, np.float64, nthreads, xp=xp)
+    for a in range(0, len(active), image_batch):
+        b = min(a + image_batch, len(active))
+        data = _aggregate(images, matrix[a:b], xp, image_batch)
+        if bg is not None:
+            data -= to_module(mass[a:b], xp)[:, None] * bg[None, :]
+        pts = rotated_points(grid[active[a:b]], positions, reciprocal_extent, np.float64)
+        plan_rhs.setpts(pts)
+        rhs += plan_rhs.execute((data * w).ravel())
+        plan_kern.setpts(pts)
+        kern += plan_kern.execute((to_module(c[a:b], xp)[:, None] * w[None, :]).ravel())
+    data_sq = _data_norm_sq(images, posterior, w, bg, xp, image_batch)
+    t1 = time.perf_counter()
+    rhs_real = xp.ascontiguousarray(rhs.real)
+    kern_real = xp.ascontiguousarray(kern.real)
+    scalars = np.array([float(to_module(w.sum(), np)) * float(c.sum()), data_sq])
+    allreduce_sum(comm, rhs_real, cuda_aware=cuda_aware_mpi)
+    allreduce_sum(comm, kern_real, cuda_aware=cuda_aware_mpi)
+    allreduce_sum(comm, scalars)
+    t2 = time.perf_counter()
+    spectrum = kernel_spectrum(kern_real, workers=nthreads)
+    if timings is not None:
+        timings["merge_nufft"] = timings.get("merge_nufft", 0.0) + (t1 - t0)
+        timings["merge_allreduce"] = timings.get("merge_allreduce", 0.0) + (t2 - t1)
+    return NormalEquations(rhs_real, spectrum, float(scalars[0]), float(scalars[1]))
