@@ -48,10 +48,10 @@ import scipy.sparse
 
 from spinifel.backend.arrays import get_array_module, to_module
 from spinifel.backend.nufft import Type1
+from spinifel.geometry.points import rotated_points
 from spinifel.merging.merge import NormalEquations
 from spinifel.merging.operator import kernel_spectrum
 from spinifel.parallel.collectives import allreduce_sum
-from spinifel.geometry.points import rotated_points
 
 
 def _pairs(indices: np.ndarray, weights: np.ndarray, n_kept: np.ndarray,

@@ -386,14 +386,8 @@ def simulate_dataset(path: str | os.PathLike, structure: Structure, *, n_images:
     noise = {"fluence_jitter": fluence_jitter, "fluence_sigma": fluence_sigma,
              "background_photons_per_pixel": background_photons_per_pixel,
              "gap_rows": gap_rows, "gap_cols": gap_cols}
-    try:
-        _check_params(n_images, n_pixels, photons_per_image, noise, beamstop_radius_px, M,
-                      batch, orientations, structure)
-    except ConfigError as exc:
-        raise _everywhere(exc) from None
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise _everywhere(OutputError(f"{path}: output directory {path.parent} does not exist"))
+    path = _check_everywhere(path, n_images, n_pixels, photons_per_image, noise,
+                             beamstop_radius_px, M, batch, orientations, structure)
     n_images, n_pixels, M = int(n_images), int(n_pixels), int(M)
 
     wavelength = det.photon_energy_to_wavelength(photon_energy_ev)
@@ -406,39 +400,10 @@ def simulate_dataset(path: str | os.PathLike, structure: Structure, *, n_images:
     sigma2 = fluence_log_variance(fluence_jitter, fluence_sigma)
     background = float(background_photons_per_pixel)
 
-    # Photon scale from a fixed orientation quadrature: identical on every rank.
-    scale = None
-    if photons_per_image is not None:
-        ref = sim.noise_free(orientation_grid(N_SCALE_ORIENTATIONS)).sum(axis=1).mean()
-        if not ref > 0:
-            raise _everywhere(ConfigError("simulate: the noise-free images are all zero "
-                                          "(every pixel masked?)"))
-        scale = float(photons_per_image) / float(ref)
+    scale = _photon_scale(sim, photons_per_image)
 
-    attrs = {
-        "reciprocal_extent": reciprocal_extent,
-        "n_images": n_images,
-        "n_pixels_per_image": int(np.prod(pos.shape[:-1])),
-        "det_shape": np.array(pos.shape[:-1], dtype=np.int64),
-        "det_distance": float(distance_m),
-        "pixel_size": float(pixel_size_m),
-        "photon_energy_ev": float(photon_energy_ev),
-        "wavelength_m": float(wavelength),
-        "seed": int(seed),
-        "photons_per_image": np.nan if photons_per_image is None else float(photons_per_image),
-        "noise": "none" if photons_per_image is None else "poisson",
-        "fluence_jitter": float(np.sqrt(np.expm1(sigma2))),
-        "fluence_sigma": float(np.sqrt(sigma2)),
-        "background_photons_per_pixel": background,
-        "beamstop_radius_px": float(beamstop_radius_px),
-        "gap_rows": int(gap_rows),
-        "gap_cols": int(gap_cols),
-        "detector": str(detector_name),
-        "intensity_scale": 1.0 if scale is None else scale,
-        "nufft_eps": float(eps),
-        "structure_name": structure.name,
-        "generator": f"spinifel-mpi {__version__} simulate",
-    }
+    attrs = _file_attrs(locals(), pos=pos, wavelength=wavelength, sigma2=sigma2,
+                        scale=scale, reciprocal_extent=reciprocal_extent)
     totals = _write_images(comm, path, sim, structure, attrs=attrs, pos=pos, mask=mask, M=M,
                            batch=int(batch), seed=seed, scale=scale,
                            kw={"fluence_jitter": fluence_jitter,
@@ -446,31 +411,98 @@ def simulate_dataset(path: str | os.PathLike, structure: Structure, *, n_images:
                                "orientations": orientations})
     summary = None
     if rank == 0:
-        seconds = time.perf_counter() - t0
-        edge, corner = det.resolution_angstrom(pos)
-        n_good = int(mask.sum())
-        summary = {
-            "path": str(path),
-            "n_images": n_images,
-            "det_shape": tuple(int(x) for x in pos.shape[:-1]),
-            "n_ranks": size,
-            "seconds": seconds,
-            "images_per_second": n_images / seconds if seconds > 0 else float("inf"),
-            "resolution_edge_angstrom": edge,
-            "resolution_corner_angstrom": corner,
-            "reciprocal_extent": reciprocal_extent,
-            "voxel_size_angstrom": voxel_size_angstrom(reciprocal_extent),
-            "M": M,
-            "wavelength_m": wavelength,
-            "photons_per_image": photons_per_image,
-            "mean_photons": float(np.concatenate(totals).mean()),
-            "background_photons": background * n_good if scale is not None else 0.0,
-            "n_good_pixels": n_good,
-            "intensity_scale": 1.0 if scale is None else scale,
-            "structure_name": structure.name,
-            "n_atoms": structure.n_atoms,
-        }
+        summary = _summary(path, structure, pos, mask, n_images=n_images, n_ranks=size,
+                           t0=t0, reciprocal_extent=reciprocal_extent, M=M,
+                           wavelength=wavelength, photons_per_image=photons_per_image,
+                           totals=totals, scale=scale, background=background)
     return bcast_object(comm, summary)
+
+
+def _check_everywhere(path: str | os.PathLike, *params: Any) -> Path:
+    """:func:`_check_params` and the output directory, raised on every rank; ``Path(path)``."""
+    try:
+        _check_params(*params)
+    except ConfigError as exc:
+        raise _everywhere(exc) from None
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise _everywhere(OutputError(f"{path}: output directory {path.parent} does not exist"))
+    return path
+
+
+def _photon_scale(sim: Any, photons_per_image: float | None) -> float | None:
+    """Intensity factor giving ``photons_per_image`` on average (None: noise-free).
+
+    From a fixed orientation quadrature, so identical on every rank.
+    """
+    if photons_per_image is None:
+        return None
+    ref = sim.noise_free(orientation_grid(N_SCALE_ORIENTATIONS)).sum(axis=1).mean()
+    if not ref > 0:
+        raise _everywhere(ConfigError("simulate: the noise-free images are all zero "
+                                      "(every pixel masked?)"))
+    return float(photons_per_image) / float(ref)
+
+
+def _file_attrs(p: dict, *, pos: np.ndarray, wavelength: float, sigma2: float,
+                scale: float | None, reciprocal_extent: float) -> dict:
+    """Root attributes of the dataset file from :func:`simulate_dataset`'s arguments ``p``."""
+    return {
+        "reciprocal_extent": reciprocal_extent,
+        "n_images": p["n_images"],
+        "n_pixels_per_image": int(np.prod(pos.shape[:-1])),
+        "det_shape": np.array(pos.shape[:-1], dtype=np.int64),
+        "det_distance": float(p["distance_m"]),
+        "pixel_size": float(p["pixel_size_m"]),
+        "photon_energy_ev": float(p["photon_energy_ev"]),
+        "wavelength_m": float(wavelength),
+        "seed": int(p["seed"]),
+        "photons_per_image": (np.nan if p["photons_per_image"] is None
+                              else float(p["photons_per_image"])),
+        "noise": "none" if p["photons_per_image"] is None else "poisson",
+        "fluence_jitter": float(np.sqrt(np.expm1(sigma2))),
+        "fluence_sigma": float(np.sqrt(sigma2)),
+        "background_photons_per_pixel": float(p["background_photons_per_pixel"]),
+        "beamstop_radius_px": float(p["beamstop_radius_px"]),
+        "gap_rows": int(p["gap_rows"]),
+        "gap_cols": int(p["gap_cols"]),
+        "detector": str(p["detector_name"]),
+        "intensity_scale": 1.0 if scale is None else scale,
+        "nufft_eps": float(p["eps"]),
+        "structure_name": p["structure"].name,
+        "generator": f"spinifel-mpi {__version__} simulate",
+    }
+
+
+def _summary(path: Path, structure: Structure, pos: np.ndarray, mask: np.ndarray, *,
+             n_images: int, n_ranks: int, t0: float, reciprocal_extent: float, M: int,
+             wavelength: float, photons_per_image: float | None, totals: list,
+             scale: float | None, background: float) -> dict:
+    """The summary :func:`simulate_dataset` returns (built on rank 0)."""
+    seconds = time.perf_counter() - t0
+    edge, corner = det.resolution_angstrom(pos)
+    n_good = int(mask.sum())
+    return {
+        "path": str(path),
+        "n_images": n_images,
+        "det_shape": tuple(int(x) for x in pos.shape[:-1]),
+        "n_ranks": n_ranks,
+        "seconds": seconds,
+        "images_per_second": n_images / seconds if seconds > 0 else float("inf"),
+        "resolution_edge_angstrom": edge,
+        "resolution_corner_angstrom": corner,
+        "reciprocal_extent": reciprocal_extent,
+        "voxel_size_angstrom": voxel_size_angstrom(reciprocal_extent),
+        "M": M,
+        "wavelength_m": wavelength,
+        "photons_per_image": photons_per_image,
+        "mean_photons": float(np.concatenate(totals).mean()),
+        "background_photons": background * n_good if scale is not None else 0.0,
+        "n_good_pixels": n_good,
+        "intensity_scale": 1.0 if scale is None else scale,
+        "structure_name": structure.name,
+        "n_atoms": structure.n_atoms,
+    }
 
 
 def _write_images(comm: Any, path: Path, sim: ImageSimulator, structure: Structure, *,
