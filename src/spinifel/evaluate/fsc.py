@@ -255,3 +255,27 @@ def format_resolution(value: float | None, status: str | None = None,
     if status == "below":
         return "none (below the threshold from the first shell)"
     return "n/a"
+
+
+def resolution_fields(prefix: str, freq: object, curve: object, threshold: float,
+                      nyquist_angstrom: float | None = None) -> dict:
+    """The JSON fields of one threshold crossing, for evaluation.json and metrics.json.
+
+    Returns ``{prefix + "_angstrom": resolution or None, prefix + "_reached": bool,
+    prefix + "_status": status, prefix + "_better_than_angstrom": limit}`` from
+    :func:`crossing`; ``limit`` is ``nyquist_angstrom`` when given, else the finest shell.
+    A curve that never drops below the threshold gives no resolution (it is better than
+    the limit of the measurement, not equal to it).
+    """
+    res, status, limit = crossing(freq, curve, threshold)
+    if nyquist_angstrom is not None:
+        limit = float(nyquist_angstrom)
+    return {f"{prefix}_angstrom": res, f"{prefix}_reached": status == "crossed",
+            f"{prefix}_status": status, f"{prefix}_better_than_angstrom": limit}
+
+
+def describe_resolution(doc: dict, prefix: str) -> str:
+    """Log text of the fields written by :func:`resolution_fields` (old documents without
+    the status field are formatted from the value alone)."""
+    return format_resolution(doc.get(f"{prefix}_angstrom"), doc.get(f"{prefix}_status"),
+                             doc.get(f"{prefix}_better_than_angstrom"))
