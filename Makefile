@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine (Python >= 3.10 with venv, no MPI needed):
 #   make demo   -> local virtual environment, install, reconstruct the built-in demo molecule
-#   make test   -> local virtual environment, install, serial tests + MPI tests on 2 ranks
+#   make test   -> local virtual environment, install, serial tests + MPI tests on 2 and 3 ranks
 PYTHON ?= python3
 VENV   ?= .venv
 NP     ?= 2
@@ -8,7 +8,7 @@ DEMO_ARGS ?=
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-serial test-mpi test-slow venv clean
+.PHONY: demo test test-serial test-mpi test-mpi3 test-slow venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,13 +22,17 @@ demo: $(STAMP)
 	$(BIN)/mpiexec -n $(NP) $(BIN)/spinifel-mpi demo --out demo_out --overwrite $(DEMO_ARGS)
 
 test: $(STAMP)
-	$(MAKE) test-serial test-mpi
+	$(MAKE) test-serial test-mpi test-mpi3
 
 test-serial: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test-mpi: $(STAMP)
 	$(BIN)/mpiexec -n 2 $(BIN)/python -m pytest -q --with-mpi -m "mpi and not slow" -p no:cacheprovider
+
+# 3 ranks: uneven shards, phasing owners beyond rank 1, a ring of odd length
+test-mpi3: $(STAMP)
+	$(BIN)/mpiexec -n 3 $(BIN)/python -m pytest -q --with-mpi -m "mpi and not slow" -p no:cacheprovider
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
