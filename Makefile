@@ -8,7 +8,7 @@ DEMO_ARGS ?=
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-serial test-mpi test-mpi3 test-slow venv clean
+.PHONY: demo results test test-serial test-mpi test-mpi3 test-slow venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/mpiexec -n $(NP) $(BIN)/spinifel-mpi demo --out demo_out --overwrite $(DEMO_ARGS)
+
+# the demo's numbers in README.md and docs/results.md, regenerated from demo_out/metrics.json
+results: $(STAMP)
+	$(BIN)/python scripts/results.py demo_out --block demo --command "make demo" --update README.md docs/results.md
 
 test: $(STAMP)
 	$(MAKE) test-serial test-mpi test-mpi3
