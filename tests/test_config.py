@@ -6,8 +6,14 @@ from dataclasses import fields
 
 import pytest
 
-from spinifel.config import (Config, build_config, default_dict, defaults_text, load_config,
-                             parse_override)
+from spinifel.config import (
+    Config,
+    build_config,
+    default_dict,
+    defaults_text,
+    load_config,
+    parse_override,
+)
 from spinifel.errors import ConfigError
 
 

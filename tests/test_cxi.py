@@ -10,8 +10,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from cxi_writer import skopi_to_cxi
+
 from spinifel.config import load_config
 from spinifel.errors import ConfigError, DatasetError
 from spinifel.io.dataset import inspect_dataset, read_geometry, read_shard

@@ -19,11 +19,21 @@ import pytest
 from spinifel.commands import evaluate as cmd
 from spinifel.errors import DatasetError, OutputError, SpinifelError
 from spinifel.evaluate.align import align_density, rotate_volume, search_rotation
-from spinifel.evaluate.fsc import (crossing, describe_resolution, fsc, intensity_shell_correlation,
-                                   pearson, resolution_at)
+from spinifel.evaluate.fsc import (
+    crossing,
+    describe_resolution,
+    fsc,
+    intensity_shell_correlation,
+    pearson,
+    resolution_at,
+)
 from spinifel.evaluate.orientations import global_rotation, orientation_errors
-from spinifel.evaluate.report import (GroundTruth, evaluate_arrays, evaluate_result,
-                                      load_ground_truth)
+from spinifel.evaluate.report import (
+    GroundTruth,
+    evaluate_arrays,
+    evaluate_result,
+    load_ground_truth,
+)
 from spinifel.geometry import orientations as quat
 
 M = 25

@@ -495,6 +495,7 @@ def test_pipeline_numpy_vs_cupy(tmp_path):
 
 def test_cg_synchronises_once_per_iteration(monkeypatch, rng):
     import fake_cupy
+
     from spinifel.merging.cg import conjugate_gradient
     from spinifel.merging.operator import ToeplitzNormalOperator
 
@@ -514,6 +515,7 @@ def test_cg_synchronises_once_per_iteration(monkeypatch, rng):
 
 def test_phasing_transfers_do_not_grow_with_iterations(monkeypatch, rng):
     import fake_cupy
+
     from spinifel.phasing.algorithms import autocorrelation_from_density
     from spinifel.phasing.phase import phase
 
@@ -538,10 +540,10 @@ def test_pipeline_gpu_branches_match_numpy(monkeypatch, tmp_path, mode, scale, v
     """The whole pipeline with runtime.backend = cupy on the stand-in: the GPU branches run
     (cufinufft plans on device arrays, fused-kernel matching, staged collectives, pool
     release) and give the numpy result up to round-off."""
-    import h5py
-
     import fake_cupy
+    import h5py
     from helpers import write_dataset
+
     from spinifel.config import load_config
     from spinifel.pipeline import run_pipeline
 
@@ -583,9 +585,9 @@ def test_pipeline_gpu_branches_match_numpy(monkeypatch, tmp_path, mode, scale, v
 def test_gpu_branches_on_two_ranks_match_numpy(monkeypatch):
     """Ring matching and the merge with device (stand-in) arrays over real MPI: the staged
     sendrecv/Allreduce/Bcast give the serial numpy result."""
+    import fake_cupy
     from mpi4py import MPI
 
-    import fake_cupy
     from spinifel.geometry.orientations import orientation_grid
     from spinifel.matching import match_distributed, match_orientations
     from spinifel.merging.merge import accumulate_normal_equations, merge

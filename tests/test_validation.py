@@ -5,8 +5,8 @@ import json
 import h5py
 import numpy as np
 import pytest
-
 from helpers import TINY_ALGORITHM, simulate_tiny, tiny_config
+
 from spinifel.config import load_config
 from spinifel.evaluate.align import mirror
 from spinifel.parallel.context import ParallelContext

@@ -20,10 +20,19 @@ from scipy import ndimage
 
 from spinifel.errors import DatasetError, OutputError
 from spinifel.evaluate.align import align_density, rotate_volume, search_rotation
-from spinifel.evaluate.fsc import (fsc, intensity_shell_correlation, pearson, resolution_fields,
-                                   to_host)
-from spinifel.evaluate.orientations import (as_quaternions, error_summary, global_rotation,
-                                            orientation_errors)
+from spinifel.evaluate.fsc import (
+    fsc,
+    intensity_shell_correlation,
+    pearson,
+    resolution_fields,
+    to_host,
+)
+from spinifel.evaluate.orientations import (
+    as_quaternions,
+    error_summary,
+    global_rotation,
+    orientation_errors,
+)
 from spinifel.geometry import orientations as quat
 
 # Truth mask for the "inside the molecule" correlation: voxels above this fraction of the
