@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from spinifel.merging.cg import CGResult, conjugate_gradient
+from spinifel.merging.cg import CGResult, conjugate_gradient, multishift_cg
 from spinifel.merging.lcurve import lcurve_corner, lcurve_curvature
 
 EPS64 = np.finfo(np.float64).eps
@@ -134,6 +134,51 @@ def test_cg_zero_rhs_and_breakdown_and_max_iter():
         conjugate_gradient(lambda v: v, np.ones(2), np.ones(3), max_iter=1, tol=1e-3)
 
 
+def test_multishift_cg_matches_direct_solves_per_shift():
+    """Multi-shift CG (shared Krylov space) must give each shifted system's own solution.
+
+    Catches a wrong zeta/alpha/beta recurrence (each shift would converge to a wrong x
+    while the base system, which is plain CG, stays right).
+    """
+    rng = np.random.default_rng(107)
+    n = 50
+    a = _spd(n, np.geomspace(1e-3, 1.0, n), rng)
+    b = rng.normal(size=n)
+    shifts = [1e-2, 1e-3, 1.0, 3e-4, 0.1]  # unsorted on purpose
+    tol = 1e-12
+    res = multishift_cg(lambda v: a @ v, b, shifts, max_iter=10 * n, tol=tol)
+    assert res.converged
+    for s, x, rn in zip(shifts, res.xs, res.residual_norms):
+        exact = np.linalg.solve(a + s * np.eye(n), b)
+        cond = (1.0 + s) / (1e-3 + s)
+        rel = np.linalg.norm(x - exact) / np.linalg.norm(exact)
+        assert rel <= 10 * cond * tol
+        true_res = np.linalg.norm(b - (a + s * np.eye(n)) @ x)
+        assert true_res <= 10 * tol * np.linalg.norm(b)
+        # the reported residual (zeta_k * ||r||) is the true one up to recurrence drift
+        assert rn == pytest.approx(true_res, rel=0.5, abs=100 * EPS64 * np.linalg.norm(b))
+    # one Krylov space: no more iterations than plain CG on the hardest (smallest) shift
+    s0 = min(shifts)
+    base = conjugate_gradient(lambda v: a @ v + s0 * v, b, None, max_iter=10 * n, tol=tol)
+    assert res.n_iter <= base.n_iter + 1
+
+
+def test_multishift_cg_degenerate_inputs():
+    """Zero right-hand side, iteration cap and argument checks of multi-shift CG."""
+    a = np.diag([1.0, 2.0, 3.0])
+    zero = multishift_cg(lambda v: a @ v, np.zeros(3), [0.0, 1.0], max_iter=5, tol=1e-8)
+    assert zero.converged and zero.n_iter == 0 and all(not x.any() for x in zero.xs)
+    rng = np.random.default_rng(108)
+    big = _spd(30, np.geomspace(1.0, 1e4, 30), rng)
+    capped = multishift_cg(lambda v: big @ v, rng.normal(size=30), [0.0, 1.0], max_iter=3,
+                           tol=1e-12)
+    assert not capped.converged and capped.n_iter == 3
+    with pytest.raises(ValueError, match="at least one shift"):
+        multishift_cg(lambda v: v, np.ones(2), [], max_iter=1, tol=1e-3)
+    with pytest.raises(ValueError, match="tol"):
+        multishift_cg(lambda v: v, np.ones(2), [0.0], max_iter=1, tol=-1.0)
+
+
 # ----------------------------------------------------------------------------------------
 # L-curve
 # ----------------------------------------------------------------------------------------
@@ -228,7 +273,8 @@ def test_lcurve_degenerate_inputs():
     assert np.isnan(lcurve_curvature([1.0, 2.0], [2.0, 1.0], [0.1, 1.0])).all()
     # no valid point at all: the middle of the sweep sorted by lambda
     assert lcurve_corner(np.zeros(5), np.zeros(5), np.array([5.0, 1.0, 3.0, 2.0, 4.0])) == 2
-    assert lcurve_corner([np.nan] * 3, [np.nan] * 3, [np.nan] * 3) in (0, 1, 2)
+    # all lambdas NaN: argsort keeps the input order, the middle of three is index 1
+    assert lcurve_corner([np.nan] * 3, [np.nan] * 3, [np.nan] * 3) == 1
 
     with pytest.raises(ValueError, match="one length"):
         lcurve_corner([1.0, 2.0], [1.0], [1.0, 2.0])

@@ -166,3 +166,36 @@ def test_resume_continues_the_half_set_chains(data, tmp_path, monkeypatch):
     m = json.loads((out / "metrics.json").read_text())
     assert [g["half_set"]["mode"] for g in m["generations"]] == ["shared", "shared",
                                                                   "independent", "independent"]
+
+
+def test_checkpoint_of_another_file_of_the_same_shape_is_refused(data, tmp_path):
+    """Resume must refuse a checkpoint written for another dataset of the same shape.
+
+    The old fingerprint held only the shape and the config, so ``--resume`` on another
+    file with as many images and pixels was accepted. Identity: path, size and a digest of
+    the first, middle and last image.
+    """
+    from spinifel.io import checkpoint
+
+    cfg = _cfg(data, tmp_path / "o")
+    n = 80
+    ident = checkpoint.dataset_identity(data, n)
+    assert ident == checkpoint.dataset_identity(data, n)  # stable for one file
+    other = tmp_path / "other.h5"
+    shutil.copy(data, other)
+    with h5py.File(other, "r+") as f:
+        f["intensities"][n // 2] = f["intensities"][n // 2] + 1  # same shape, one image differs
+    moved = tmp_path / "moved.h5"
+    shutil.copy(data, moved)
+    ids = {checkpoint.dataset_identity(p, n) for p in (data, other, moved)}
+    assert len(ids) == 3
+    fp = checkpoint.fingerprint(cfg, n, (1, 12, 12), ident)
+    (tmp_path / "ck").mkdir()
+    checkpoint.write_checkpoint(tmp_path / "ck", generation=0, fingerprint=fp, config_toml="",
+                                density=np.zeros((3, 3, 3)))
+    assert checkpoint.read_checkpoint(tmp_path / "ck", fp)["generation"] == 0
+    fp_other = checkpoint.fingerprint(cfg, n, (1, 12, 12),
+                                      checkpoint.dataset_identity(other, n))
+    assert fp_other != fp
+    with pytest.raises(CheckpointError, match="another dataset"):
+        checkpoint.read_checkpoint(tmp_path / "ck", fp_other)

@@ -133,3 +133,11 @@ def test_config_reference_doc_is_current():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
     body = doc.split("```toml\n", 1)[1].rsplit("```", 1)[0]
     assert body == defaults_text(), "docs/config.md is stale: regenerate it from defaults.toml"
+
+
+def test_lambda_choice_must_be_holdout_or_lcurve():
+    """A mistyped algorithm.lambda_choice is one ConfigError naming the key."""
+    assert load_config(None, (), {}).algorithm.lambda_choice == "holdout"
+    assert load_config(None, (), {"algorithm": {"lambda_choice": "lcurve"}}).algorithm.lambda_choice == "lcurve"
+    with pytest.raises(ConfigError, match="algorithm.lambda_choice.*'gcv'"):
+        load_config(None, (), {"algorithm": {"lambda_choice": "gcv"}})

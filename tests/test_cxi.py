@@ -26,8 +26,10 @@ EZ = np.array([0.0, 0.0, 1.0])
 POS_RTOL = 1e-12
 
 # Defect bits that remove a pixel, and informational ones that do not (CXI 1.6).
-NO_WEIGHT = [0x1, 0x2, 0x4, 0x8, 0x10, 0x40, 0x80, 0x200, 0x400]
-INFORMATIONAL = [0x20, 0x100, 0x800, 0x1000, 0x10000, 0x80000000]
+# Cheetah / Condor bit meanings (docs/cxi.md): 0x1000 is PIXEL_FAILED_ARTIFACT_CORRECTION
+# (the old reader took it for an informational "has signal" bit) and 0x8000 the jet streak
+NO_WEIGHT = [0x1, 0x2, 0x4, 0x8, 0x10, 0x40, 0x80, 0x200, 0x400, 0x1000, 0x8000]
+INFORMATIONAL = [0x20, 0x100, 0x800, 0x2000, 0x4000, 0x10000, 0x80000000]
 
 
 def direct_positions(corner, basis, h, w, wavelength):
@@ -497,7 +499,7 @@ def test_info_command_on_cxi(simulated_pair, capsys):
     assert d1["cxi"]["corner_position_m"] == [[-8 * p, -8 * p, dist]]
     assert "entry_1/instrument_1/detector_1/mask" in d1["datasets"]
     text = info.format_text(d1)
-    assert "cxi format" in text and "module 0" in text and "0x6df" in text
+    assert "cxi format" in text and "module 0" in text and "0x96df" in text
 
 
 @pytest.mark.mpi

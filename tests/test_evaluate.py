@@ -19,7 +19,14 @@ import pytest
 from spinifel.commands import evaluate as cmd
 from spinifel.errors import DatasetError, OutputError, SpinifelError
 from spinifel.evaluate.align import align_density, rotate_volume, search_rotation
-from spinifel.evaluate.fsc import fsc, intensity_shell_correlation, pearson, resolution_at
+from spinifel.evaluate.fsc import (
+    crossing,
+    describe_resolution,
+    fsc,
+    intensity_shell_correlation,
+    pearson,
+    resolution_at,
+)
 from spinifel.evaluate.orientations import global_rotation, orientation_errors
 from spinifel.evaluate.report import (
     GroundTruth,
@@ -120,6 +127,26 @@ def test_fsc_matches_direct_sum():
                 pb[shell] += abs(fb) ** 2
     np.testing.assert_allclose(c, num / np.sqrt(pa * pb), atol=1e3 * EPS)
     np.testing.assert_allclose(freq, np.arange(m // 2 + 1) / (m * d))
+
+
+def test_crossing_reports_not_reached_and_below():
+    """crossing(): the interpolated first crossing, and no value when there is none.
+
+    Catches reporting the finest shell (or the first) as a resolution when the curve never
+    crosses (or never is above) the threshold.
+    """
+    freq = np.arange(11) / 20.0
+    curve = 1.0 - np.arange(11) / 10.0  # crosses 0.5 between shells 5 and 6 -> f = 0.25
+    assert crossing(freq, curve, 0.5) == (pytest.approx(4.0, rel=1e-12), "crossed",
+                                          pytest.approx(2.0))
+    # per-shell threshold: crossing of curve - threshold
+    thr = np.full(11, 0.3)
+    thr[8:] = 0.9
+    r, status, _ = crossing(freq, np.full(11, 0.8), thr)
+    assert status == "crossed" and r == pytest.approx(1 / (freq[7] + 0.05 * 0.5 / 0.6))
+    assert crossing(freq, np.ones(11), 0.5) == (None, "not reached", pytest.approx(2.0))
+    assert crossing(freq, np.zeros(11), 0.5) == (None, "below", pytest.approx(2.0))
+    assert crossing(freq, np.full(11, np.nan), 0.5) == (None, "empty", None)
 
 
 def test_resolution_at_known_crossing():
@@ -246,8 +273,13 @@ def test_evaluate_truth_against_itself(molecule):
     assert ev["density_hand"] == "same"
     np.testing.assert_allclose(ev["density_shift_voxels"], 0.0, atol=1e-9)
     np.testing.assert_allclose(ev["fsc_curve"]["fsc"], 1.0, atol=1e-6)
-    assert ev["fsc_resolution_0p5_angstrom"] == 2 * D
-    assert ev["fsc_resolution_0p143_angstrom"] == 2 * D
+    # FSC = 1 in every shell never crosses a threshold: no resolution (the old code reported
+    # Nyquist as if the data stopped there), "not reached, better than Nyquist"
+    for key in ("fsc_resolution_0p5", "fsc_resolution_0p143"):
+        assert ev[key + "_angstrom"] is None
+        assert ev[key + "_reached"] is False and ev[key + "_status"] == "not reached"
+        assert ev[key + "_better_than_angstrom"] == 2 * D
+        assert describe_resolution(ev, key) == f"not reached (better than {2 * D:.1f} A)"
     assert ev["intensity_correlation"] == pytest.approx(1.0, abs=1e-9)
     oe = ev["orientation_error_deg"]
     assert oe["median"] < 1e-5 and oe["p90"] < 1e-5 and oe["frac_within_grid_spacing"] == 1.0
@@ -289,7 +321,13 @@ def test_evaluate_recovers_rotation_hand_and_shift(molecule):
     # Noise 0.002 per vector component: angle ~ 4e-3 * chi_3 rad, median about 0.35 deg.
     assert 0.1 < ev["orientation_error_deg"]["median"] < 0.6
     assert ev["orientation_error_deg"]["p90"] > 10  # the 15 % wrong images show up
-    assert ev["fsc_resolution_0p5_angstrom"] < 3 * D
+    # a good reconstruction: FSC 0.5 below 3 voxels, or never crossed (better than Nyquist)
+    res = ev["fsc_resolution_0p5_angstrom"]
+    if res is None:
+        assert ev["fsc_resolution_0p5_status"] == "not reached"
+        assert ev["fsc_resolution_0p5_better_than_angstrom"] == 2 * D
+    else:
+        assert ev["fsc_resolution_0p5_reached"] and res < 3 * D
 
 
 def test_unrelated_density_scores_low(molecule):

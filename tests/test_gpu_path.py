@@ -95,6 +95,20 @@ def test_numpy_backend_is_numpy_with_finufft():
     assert "numpy" in be.skipped["cufinufft"]
 
 
+def test_mixed_gpu_warning_names_the_ranks_without_gpu():
+    """auto with some ranks lacking a GPU: one warning naming exactly those ranks.
+
+    The pipeline logged this at INFO only, so a GPU job silently ran on the CPU.
+    """
+    assert select.mixed_gpu_warning([True] * 4) is None
+    assert select.mixed_gpu_warning([False] * 4) is None  # a CPU machine: nothing mixed
+    gpu = [True, False, False, False, True, False, True, True, False]
+    msg = select.mixed_gpu_warning(gpu, ["ok"] + ["CuPy is not installed"] * 8)
+    assert "5 of 9 ranks" in msg and "(ranks 1-3, 5, 8)" in msg
+    assert "rank 1: CuPy is not installed" in msg and "numpy" in msg
+    assert "\n" not in msg
+
+
 def test_auto_without_cupy_falls_back_to_numpy_with_reason(no_cupy):
     be = select_backends("auto", ("cufinufft", "finufft"))
     assert be.array == "numpy" and be.nufft == "finufft"

@@ -14,8 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 JOBS = sorted((ROOT / "jobs").glob("*.sh"))
 BIN = Path(sys.executable).parent
 
-# Stand-ins for the launchers: drop the launcher's own options, run the command once with
-# --dry-run appended (what a real launcher would start on every rank).
+# Stand-ins for the launchers: record the launcher's command line in $LAUNCH_LOG, drop the
+# launcher's own options, run the command once with --dry-run appended (what a real launcher
+# would start on every rank).
+RECORD = 'printf "%s %s\\n" "$(basename "$0")" "$*" >> "$LAUNCH_LOG"; '
 FAKE = {
     "srun": 'while [ "${1#-}" != "$1" ]; do shift; done; exec "$@" --dry-run',
     "jsrun": 'while [ "${1#-}" != "$1" ]; do case "$1" in -n|-a|-c|-b|-g|-r) shift 2;; *) shift;; esac; done; exec "$@" --dry-run',
@@ -41,12 +43,13 @@ def _job_env(tmp_path, rng) -> dict:
     fake.mkdir()
     for name, body in FAKE.items():
         p = fake / name
-        p.write_text("#!/bin/sh\n" + body + "\n")
+        p.write_text("#!/bin/sh\n" + RECORD + body + "\n")
         p.chmod(0o755)
     data = tmp_path / "d.h5"
     write_dataset(data, n_images=6, rng=rng)
     env = dict(os.environ, PATH=f"{fake}:{BIN}:{os.environ['PATH']}", DATASET=str(data),
-               OUT=str(tmp_path / "out"), CONFIG=str(ROOT / "examples" / "2cex.toml"))
+               OUT=str(tmp_path / "out"), CONFIG=str(ROOT / "examples" / "2cex.toml"),
+               LAUNCH_LOG=str(tmp_path / "launch.txt"))
     env.pop("BACKEND", None)
     return env
 
@@ -62,6 +65,39 @@ def test_launch_line_dry_run(script, tmp_path, rng):
     assert (tmp_path / "out" / "environment.txt").exists()
     expected = "cupy" if "gpu" in script.name and _gpu_visible() else "numpy"
     assert f'"array_backend": "{expected}"' in r.stdout
+
+
+# The launcher options each template must pass with its default variables (written out from
+# the templates' comments: one rank per core / per GPU, jsrun resource sets of 7 cores and
+# one GPU on 2 nodes x 6 sets, 42 single-core ranks per node on 2 nodes).
+LAUNCHER_FLAGS = {
+    "slurm_cpu.sh": "srun --cpu-bind=cores",
+    "slurm_gpu.sh": "srun --gpus-per-task=1 --gpu-bind=none --cpu-bind=cores",
+    "lsf_gpu.sh": "jsrun -n 12 -a 1 -g 1 -c 7 -b packed:7",
+    "lsf_jsrun.sh": "jsrun -n 84 -a 1 -c 1 -b packed:1",
+    "mpiexec.sh": "mpiexec -n 2",
+}
+
+
+@pytest.mark.parametrize("script", JOBS, ids=[p.name for p in JOBS])
+def test_launcher_flags_of_each_template(script, tmp_path, rng):
+    """The launcher line each template runs carries exactly the intended binding flags.
+
+    The stand-in launchers used to drop every option unseen, so a template that lost
+    ``--gpus-per-task`` or bound 7-core resource sets with ``-c 1`` still passed.
+    """
+    env = dict(_job_env(tmp_path, rng), BACKEND="auto")
+    r = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, cwd=ROOT,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = (tmp_path / "launch.txt").read_text().splitlines()
+    assert len(lines) == 1
+    launcher = lines[0].split(" spinifel-mpi ", 1)[0]
+    assert launcher == LAUNCHER_FLAGS[script.name]
+    # threads per rank: the launcher's cores per rank agree with the config's
+    if "-c " in launcher:
+        cores = launcher.split("-c ", 1)[1].split()[0]
+        assert f"runtime.threads_per_rank={cores}" in lines[0] or cores == "1"
 
 
 def _gpu_visible():

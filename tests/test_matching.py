@@ -129,19 +129,30 @@ def test_parabolic_offsets_find_the_minimum_of_a_separable_quadratic(rng):
 
 @pytest.mark.mpi(min_size=2)
 def test_matching_independent_of_rank_count():
+    """Each rank's block (uneven, image_batch smaller than the block) gathered in rank order
+    equals the brute-force float64 best slice and distance of every image.
+
+    Catches a rank's result landing at the wrong images (block offsets), a batch boundary
+    dropping or repeating images, and a rank using another scale or slice set. (The old
+    test compared two calls of the same function, which cannot disagree.)
+    """
     from mpi4py import MPI
 
     from spinifel.parallel.partition import block_range
 
     comm = MPI.COMM_WORLD
     rng = np.random.default_rng(7)
-    images = rng.uniform(0, 1, (101, 40)).astype(np.float32)
-    slices = rng.uniform(0, 1, (230, 40)).astype(np.float32)
-    ref = match_orientations(images, _batches(slices, 64), scale_per_image=True)
+    images = rng.uniform(0, 1, (101, 40))
+    slices = rng.uniform(0, 1, (230, 40))
+    c = np.maximum(images @ slices.T, 0) / (slices**2).sum(1)
+    d = ((images[:, None, :] - c[:, :, None] * slices[None]) ** 2).sum(-1)
     a, b = block_range(len(images), comm.Get_size(), comm.Get_rank())
-    mine = match_orientations(images[a:b], _batches(slices, 64), scale_per_image=True)
+    mine = match_orientations(images[a:b], _batches(slices, 64), scale_per_image=True,
+                              image_batch=13)
     every = np.concatenate(comm.allgather(mine.best_index))
-    assert np.array_equal(every, ref.best_index)
+    dist = np.concatenate(comm.allgather(mine.best_dist))
+    assert np.array_equal(every, d.argmin(1))
+    assert np.allclose(dist, d.min(1), rtol=1e-10, atol=1e-12)
 
 
 def test_sqrt_transform_brute_force(rng):

@@ -48,8 +48,10 @@ def test_half_map_fsc_undoes_shift_and_hand(rng):
     assert out["correlation"] > 1 - 1e-9
     fsc = np.array(out["fsc"], dtype=float)
     assert np.nanmin(fsc) > 1 - 1e-9
-    # never crosses: the finest shell's resolution, 1 / ((m // 2) / (m d))
-    assert out["resolution_0p143_angstrom"] == pytest.approx(m * 2.0 / (m // 2))
+    # never crosses: no resolution, "better than" the finest shell 1 / ((m // 2) / (m d))
+    # (the old code reported that shell as the resolution)
+    assert out["resolution_0p143_angstrom"] is None and out["resolution_0p143_reached"] is False
+    assert out["resolution_0p143_better_than_angstrom"] == pytest.approx(m * 2.0 / (m // 2))
 
 
 def test_half_map_fsc_of_independent_noise_crosses_early(rng):
@@ -60,6 +62,7 @@ def test_half_map_fsc_of_independent_noise_crosses_early(rng):
     # beyond shell 0 (the mean) the expected FSC of independent noise is 0 with standard
     # deviation 1/sqrt(n_shell_voxels); shell 1 has 18+ voxels
     assert np.nanmax(np.abs(fsc[2:])) < 0.6
+    assert out["resolution_0p143_reached"] is True
     assert out["resolution_0p143_angstrom"] > 2 * 2.0 * m / (m // 2)
 
 
@@ -121,6 +124,46 @@ def test_prtf_is_one_for_identical_phases_and_low_for_random_phases(rng):
     assert np.nanmean(c_rand[2:]) < PRTF_THRESHOLD
 
 
+@pytest.mark.parametrize("k", [3, 4, 8])
+def test_prtf_of_unrelated_volumes_gives_no_resolution(k, rng):
+    """K unrelated random volumes (K = 4 as in examples/beamline.toml) must not resolve.
+
+    Their PRTF is about sqrt(pi / 4K) (0.44 for K = 4, above 1/e) and alignment raises it;
+    the old 1/e cut-off then reported a "resolution" at Nyquist. Against the measured
+    random-phase floor no shell beyond the first is above the threshold.
+    """
+    m = 21
+    runs = [rng.normal(size=(m, m, m)) for _ in range(k)]
+    summary, _ = prtf_summary(runs, 2.0)
+    assert summary["resolution_angstrom"] is None
+    assert summary["resolution_1_over_e_angstrom"] is None
+    assert summary["status"] == "below floor"
+    # the floor itself is the random-phase level, not 1/e
+    floor = np.array([np.nan if v is None else v for v in summary["floor"]])
+    assert np.nanmedian(floor[2:]) > 0.8 * np.sqrt(np.pi / (4 * k))
+
+
+def test_prtf_of_a_structure_with_phase_noise_resolves(rng):
+    """Runs of one structure whose phase noise grows with resolution: a crossing is found
+    between the agreeing low shells and the random high shells (and small uniform noise
+    is "not reached": better than the finest shell)."""
+    m = 21
+    obj = _blob(m, rng, width=1.0)
+    f = np.fft.fftn(obj)
+    kk = np.sqrt(sum(g**2 for g in np.meshgrid(*[np.fft.fftfreq(m)] * 3, indexing="ij")))
+    kfrac = kk / kk.max()
+    grow = [np.fft.ifftn(f * np.exp(1j * rng.normal(size=f.shape) * 6.0 * kfrac**2)).real
+            for _ in range(4)]
+    summary, _ = prtf_summary(grow, 2.0)
+    assert summary["status"] == "crossed"
+    nyq = 1 / summary["freq_inv_angstrom"][-1]
+    assert nyq < summary["resolution_angstrom"] < 1 / summary["freq_inv_angstrom"][2]
+    small = [np.fft.ifftn(f * np.exp(0.2j * rng.normal(size=f.shape))).real for _ in range(4)]
+    summary, _ = prtf_summary(small, 2.0)
+    assert summary["status"] == "not reached" and summary["resolution_angstrom"] is None
+    assert summary["better_than_angstrom"] == pytest.approx(nyq)
+
+
 def test_prtf_summary_aligns_shifted_and_mirrored_runs(rng):
     m = 21
     obj = _blob(m, rng)
@@ -162,7 +205,7 @@ def test_half_sets_do_not_change_the_full_merge(tiny, tmp_path):
     doc = json.loads((tmp_path / "halves" / "metrics.json").read_text())
     hs = doc["generations"][0]["half_set"]
     assert len(hs["fsc"]) == 25 // 2 + 1 and hs["hand"] in ("same", "mirrored")
-    assert hs["resolution_0p143_angstrom"] > 0
+    assert (hs["resolution_0p143_angstrom"] is None) == (not hs["resolution_0p143_reached"])
     assert (tmp_path / "halves" / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -177,7 +220,9 @@ def test_prtf_runs_write_summary_and_average_density(tiny, tmp_path):
     # lowest measured shell's phases reproducible
     assert p["prtf"][0] is None and 0 <= min(vals) and max(vals) <= 1 + 1e-12
     assert vals[0] > PRTF_THRESHOLD
-    assert p["resolution_1_over_e_angstrom"] > 0
+    assert p["status"] in ("crossed", "not reached", "below floor")
+    assert (p["resolution_angstrom"] is None) == (p["status"] != "crossed")
+    assert all(t is None or t >= PRTF_THRESHOLD for t in p["threshold"])
     assert all("half_set" in g for g in doc["generations"])
     with h5py.File(out / "result.h5") as f:
         dens = f["density"][()]

@@ -121,6 +121,7 @@ class AlgorithmConfig:
     cg_max_iter: int
     cg_tol: float
     lambdas: tuple[float, ...]
+    lambda_choice: str
     ac_support_radius: float
     n_phase_loops: int
     n_er: int
@@ -188,6 +189,8 @@ class AlgorithmConfig:
                a + "lambdas", f"must be a non-empty list of positive numbers, got {list(self.lambdas)}")
         _check(len(set(self.lambdas)) == len(self.lambdas), a + "lambdas",
                f"must not repeat values, got {list(self.lambdas)}")
+        _check(self.lambda_choice in ("holdout", "lcurve"), a + "lambda_choice",
+               f"must be \"holdout\" or \"lcurve\", got {self.lambda_choice!r}")
         _check(0 < self.ac_support_radius <= 2.0, a + "ac_support_radius",
                f"must be in (0, 2], got {self.ac_support_radius}")
         for k in ("n_phase_loops", "n_er", "n_hio", "n_final_er"):

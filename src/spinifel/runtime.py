@@ -26,3 +26,91 @@ def configure_threads(n: int) -> dict:
         info["blas"] = ["threadpoolctl missing: BLAS threads not limited"]
     log.info("threads per rank: %d; BLAS: %s", n, ", ".join(info["blas"]) or "none found")
     return info
+
+
+def _read_int(path: str) -> int | None:
+    """An integer from a one-line file (None: absent, unreadable or "max")."""
+    try:
+        with open(path, encoding="ascii") as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def available_memory_bytes(meminfo: str = "/proc/meminfo",
+                           cgroup_root: str = "/sys/fs/cgroup") -> int | None:
+    """Memory this process's node can still give, in bytes (None when unknown).
+
+    The smaller of ``MemAvailable`` in ``meminfo`` and the headroom of the cgroup limit
+    (cgroup v2 ``memory.max - memory.current``, or v1 ``memory.limit_in_bytes -
+    memory.usage_in_bytes``); a batch system's job limit is a cgroup. Linux only; None on
+    systems without ``meminfo``.
+    """
+    avail = None
+    try:
+        with open(meminfo, encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        avail = None
+    for limit_f, used_f in (("memory.max", "memory.current"),
+                            ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        limit = _read_int(os.path.join(cgroup_root, limit_f))
+        used = _read_int(os.path.join(cgroup_root, used_f))
+        if limit is not None and used is not None and limit < 2**60:  # v1 "no limit" is huge
+            room = max(limit - used, 0)
+            avail = room if avail is None else min(avail, room)
+            break
+    return avail
+
+
+def check_memory(estimate_bytes: int, ranks_on_node: int, available_bytes: int | None = None,
+                 warn_fraction: float = 0.8) -> str | None:
+    """Refuse a run whose per-rank memory estimate cannot fit on its node.
+
+    Parameters
+    ----------
+    estimate_bytes : int
+        Estimated peak bytes of one rank (the pipeline's memory estimate).
+    ranks_on_node : int
+        Ranks sharing this node's memory (``ParallelContext.node_size``), >= 1.
+    available_bytes : int, optional
+        Memory of the node still available (default: :func:`available_memory_bytes`).
+    warn_fraction : float
+        Fraction of the per-rank share above which a warning is returned.
+
+    Returns
+    -------
+    str or None
+        A warning line when the estimate exceeds ``warn_fraction`` of the per-rank share;
+        None when it fits comfortably or the available memory is unknown.
+
+    Raises
+    ------
+    ConfigError
+        When the estimate exceeds the per-rank share (available / ranks on the node): one
+        line naming ``algorithm.M`` and the numbers, instead of an allocation failure and a
+        traceback in the middle of the run.
+    """
+    from spinifel.errors import ConfigError
+
+    if ranks_on_node < 1:
+        raise ValueError(f"ranks_on_node must be >= 1, got {ranks_on_node}")
+    avail = available_memory_bytes() if available_bytes is None else int(available_bytes)
+    if avail is None:
+        return None
+    share = avail / ranks_on_node
+    mib = 2.0**20
+    numbers = (f"memory estimate per rank {estimate_bytes / mib:.1f} MiB, available "
+               f"{avail / mib:.1f} MiB on this node / {ranks_on_node} rank"
+               f"{'s' if ranks_on_node > 1 else ''} = {share / mib:.1f} MiB per rank")
+    if estimate_bytes > share:
+        raise ConfigError(f"config key 'algorithm.M': the run does not fit in memory ({numbers}); "
+                          "lower algorithm.M or algorithm.orientation_batch / image_batch, or "
+                          "run fewer ranks per node")
+    if estimate_bytes > warn_fraction * share:
+        return f"memory is tight: {numbers}"
+    return None

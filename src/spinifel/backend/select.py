@@ -125,6 +125,50 @@ def select_backends(requested: str, nufft_order: Sequence[str]) -> Backends:
     return Backends("numpy", np, nufft, f"runtime.backend = auto: {why}", skipped)
 
 
+def _rank_ranges(ranks: Sequence[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2, 5, 7-8"``."""
+    out: list[str] = []
+    for r in sorted(ranks):
+        if out and int(out[-1].split("-")[-1]) == r - 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{r}"
+        else:
+            out.append(str(r))
+    return ", ".join(out)
+
+
+def mixed_gpu_warning(gpu: Sequence[bool], reasons: Sequence[str] | None = None) -> str | None:
+    """Warning text when some ranks could use a GPU and others could not.
+
+    Under ``runtime.backend = "auto"`` all ranks fall back to numpy when any rank lacks a
+    GPU; that must not pass silently on a GPU machine.
+
+    Parameters
+    ----------
+    gpu : sequence of bool, one per rank (rank order)
+        Whether each rank's :func:`select_backends` chose CuPy.
+    reasons : sequence of str, optional
+        Each rank's :attr:`Backends.reason`; the first reason of a rank without GPU is
+        quoted.
+
+    Returns
+    -------
+    str or None
+        None when every rank or no rank has a GPU (nothing mixed to report), else one line
+        naming the ranks without a GPU (as ranges), their count and why.
+    """
+    flags = [bool(g) for g in gpu]
+    if all(flags) or not any(flags):
+        return None
+    missing = [r for r, g in enumerate(flags) if not g]
+    why = ""
+    if reasons is not None:
+        why = f" (rank {missing[0]}: {reasons[missing[0]]})"
+    return (f"runtime.backend = auto: {len(missing)} of {len(flags)} ranks cannot use a GPU "
+            f"(ranks {_rank_ranges(missing)}){why}; every rank runs on the CPU (numpy). "
+            "Fix those ranks' CUDA/CuPy setup, or set runtime.backend = \"numpy\" to "
+            "silence this")
+
+
 def _nufft_or_error(available_backends, order, want_gpu):
     try:
         return available_backends(order, want_gpu=want_gpu)

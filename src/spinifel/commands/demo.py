@@ -15,6 +15,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from spinifel.evaluate.fsc import describe_resolution
+
 log = logging.getLogger("spinifel")
 
 # Sized to finish in a few minutes on 2 cores (see README for the measured cost).
@@ -75,8 +77,8 @@ def _format(ev: dict, out: Path) -> str:
         "demo finished: reconstruction from random initial orientations vs the ground truth",
         f"  density correlation (aligned):  {ev.get('density_correlation', float('nan')):.3f}"
         f"  (hand: {ev.get('density_hand')})",
-        f"  FSC resolution 0.5 / 0.143:     {ev.get('fsc_resolution_0p5_angstrom', float('nan')):.1f} A"
-        f" / {ev.get('fsc_resolution_0p143_angstrom', float('nan')):.1f} A",
+        f"  FSC resolution 0.5 / 0.143:     {describe_resolution(ev, 'fsc_resolution_0p5')}"
+        f" / {describe_resolution(ev, 'fsc_resolution_0p143')}",
         f"  intensity correlation:          {ev.get('intensity_correlation', float('nan')):.3f}",
         f"  orientation error median / p90: {oe.get('median', float('nan')):.1f} / {oe.get('p90', float('nan')):.1f} deg",
         f"  results: {out}/result.h5, density.mrc, intensity.mrc; plots: {out}/*.png",

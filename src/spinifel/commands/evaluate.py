@@ -16,6 +16,8 @@ import argparse
 import json
 from typing import Any
 
+from spinifel.evaluate.fsc import describe_resolution
+
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     """Register the ``evaluate`` arguments on ``parser``."""
@@ -41,8 +43,8 @@ def summary_lines(ev: dict[str, Any]) -> list[str]:
         f"density correlation: {_fmt(ev.get('density_correlation'), '.3f')} "
         f"(in mask {_fmt(ev.get('density_correlation_in_mask'), '.3f')}, "
         f"hand: {ev.get('density_hand')})",
-        f"FSC resolution: {_fmt(ev.get('fsc_resolution_0p5_angstrom'), '.2f', ' A')} at 0.5, "
-        f"{_fmt(ev.get('fsc_resolution_0p143_angstrom'), '.2f', ' A')} at 0.143 "
+        f"FSC resolution: {describe_resolution(ev, 'fsc_resolution_0p5')} at 0.5, "
+        f"{describe_resolution(ev, 'fsc_resolution_0p143')} at 0.143 "
         f"(Nyquist {_fmt(ev.get('nyquist_resolution_angstrom'), '.2f', ' A')})",
         f"intensity correlation: {_fmt(ev.get('intensity_correlation'), '.3f')} linear, "
         f"{_fmt(ev.get('intensity_log_correlation'), '.3f')} log",

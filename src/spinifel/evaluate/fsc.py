@@ -195,3 +195,87 @@ def pearson(a: object, b: object, mask: object | None = None) -> float:
     if not den > 0:
         return float("nan")
     return float(np.dot(a, b) / den)
+
+
+def crossing(freq: object, curve: object, threshold: object) -> tuple[float | None, str, float | None]:
+    """Where a shell curve first drops below a threshold, saying when it does not.
+
+    Parameters
+    ----------
+    freq : array, shape (n,)
+        Increasing shell frequencies, inverse angstrom.
+    curve : array, shape (n,)
+        Value per shell; ``nan`` entries are skipped.
+    threshold : float or array, shape (n,)
+        Cut-off, one for all shells or one per shell.
+
+    Returns
+    -------
+    resolution : float or None
+        ``1 / f`` at the linear interpolation of the first crossing (angstrom); None when
+        the curve never drops below the threshold or is below it from its first finite
+        shell on (nothing resolved), or has no finite value.
+    status : str
+        "crossed", "not reached" (never below: the resolution is better than the finest
+        shell), "below" (below from the first shell on) or "empty".
+    better_than : float or None
+        ``1 / f`` of the finest finite shell (angstrom): the limit of the measurement.
+    """
+    f = to_host(freq).astype(np.float64).ravel()
+    c = to_host(curve).astype(np.float64).ravel()
+    t = np.broadcast_to(np.asarray(threshold, dtype=np.float64), f.shape)
+    if f.shape != c.shape:
+        raise ValueError(f"freq and curve must have one length, got {f.size} and {c.size}")
+    ok = np.isfinite(c) & np.isfinite(f) & np.isfinite(t)
+    f, c, t = f[ok], c[ok], t[ok]
+    if f.size == 0:
+        return None, "empty", None
+    limit = float(1.0 / f[-1]) if f[-1] > 0 else None
+    below = np.nonzero(c < t)[0]
+    if below.size == 0:
+        return None, "not reached", limit
+    i = int(below[0])
+    if i == 0:
+        return None, "below", limit
+    # linear interpolation of (curve - threshold) between shells i-1 and i
+    d0, d1 = c[i - 1] - t[i - 1], c[i] - t[i]
+    fc = f[i - 1] + (f[i] - f[i - 1]) * d0 / (d0 - d1) if d0 != d1 else f[i]
+    return (float(1.0 / fc) if fc > 0 else None), "crossed", limit
+
+
+def format_resolution(value: float | None, status: str | None = None,
+                      better_than: float | None = None) -> str:
+    """Text for a log line: ``"6.4 A"``, ``"not reached (better than 6.4 A)"`` or
+    ``"none (below the threshold from the first shell)"``."""
+    if value is not None and (status in (None, "crossed")) and np.isfinite(value):
+        return f"{value:.1f} A"
+    if status == "not reached":
+        return ("not reached" + (f" (better than {better_than:.1f} A)"
+                                 if better_than is not None else ""))
+    if status == "below":
+        return "none (below the threshold from the first shell)"
+    return "n/a"
+
+
+def resolution_fields(prefix: str, freq: object, curve: object, threshold: float,
+                      nyquist_angstrom: float | None = None) -> dict:
+    """The JSON fields of one threshold crossing, for evaluation.json and metrics.json.
+
+    Returns ``{prefix + "_angstrom": resolution or None, prefix + "_reached": bool,
+    prefix + "_status": status, prefix + "_better_than_angstrom": limit}`` from
+    :func:`crossing`; ``limit`` is ``nyquist_angstrom`` when given, else the finest shell.
+    A curve that never drops below the threshold gives no resolution (it is better than
+    the limit of the measurement, not equal to it).
+    """
+    res, status, limit = crossing(freq, curve, threshold)
+    if nyquist_angstrom is not None:
+        limit = float(nyquist_angstrom)
+    return {f"{prefix}_angstrom": res, f"{prefix}_reached": status == "crossed",
+            f"{prefix}_status": status, f"{prefix}_better_than_angstrom": limit}
+
+
+def describe_resolution(doc: dict, prefix: str) -> str:
+    """Log text of the fields written by :func:`resolution_fields` (old documents without
+    the status field are formatted from the value alone)."""
+    return format_resolution(doc.get(f"{prefix}_angstrom"), doc.get(f"{prefix}_status"),
+                             doc.get(f"{prefix}_better_than_angstrom"))

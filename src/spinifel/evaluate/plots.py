@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from spinifel.evaluate.fsc import describe_resolution
+
 
 def _pyplot() -> Any:
     import matplotlib
@@ -36,7 +38,7 @@ def plot_fsc(path: Path, summary: dict[str, Any]) -> None:
     for thr, key, col in ((0.5, "fsc_resolution_0p5_angstrom", "tab:orange"),
                           (0.143, "fsc_resolution_0p143_angstrom", "tab:red")):
         res = summary.get(key)
-        lab = f"{thr}" + (f": {res:.1f} A" if res else "")
+        lab = f"{thr}: " + describe_resolution(summary, key[:-len("_angstrom")])
         ax.axhline(thr, color=col, lw=0.8, ls=":", label=lab)
         if res:
             ax.axvline(1.0 / res, color=col, lw=0.8, ls=":")

@@ -20,7 +20,13 @@ from scipy import ndimage
 
 from spinifel.errors import DatasetError, OutputError
 from spinifel.evaluate.align import align_density, rotate_volume, search_rotation
-from spinifel.evaluate.fsc import fsc, intensity_shell_correlation, pearson, resolution_at, to_host
+from spinifel.evaluate.fsc import (
+    fsc,
+    intensity_shell_correlation,
+    pearson,
+    resolution_fields,
+    to_host,
+)
 from spinifel.evaluate.orientations import (
     as_quaternions,
     error_summary,
@@ -252,8 +258,8 @@ def _evaluate(density: object, intensity: object, orientations: object | None,
     out["density_scale"] = ainfo["scale"]
     freq, curve = fsc(rho_al, t_rho, d)
     out["fsc_curve"] = {"freq": freq.tolist(), "fsc": curve.tolist()}
-    out["fsc_resolution_0p5_angstrom"] = resolution_at(freq, curve, 0.5, 2 * d)
-    out["fsc_resolution_0p143_angstrom"] = resolution_at(freq, curve, 0.143, 2 * d)
+    out.update(resolution_fields("fsc_resolution_0p5", freq, curve, 0.5, 2 * d))
+    out.update(resolution_fields("fsc_resolution_0p143", freq, curve, 0.143, 2 * d))
     out["nyquist_resolution_angstrom"] = 2 * d
     out["evaluation_seconds"] = time.perf_counter() - t0
 
@@ -307,7 +313,10 @@ def evaluate_arrays(*, density: object, intensity: object, orientations: object 
         JSON-serialisable (non-finite numbers become ``None``): ``density_correlation``,
         ``density_correlation_in_mask``, ``density_hand``, ``density_shift_voxels``,
         ``fsc_curve`` {``freq`` (1/angstrom), ``fsc``}, ``fsc_resolution_0p5_angstrom``,
-        ``fsc_resolution_0p143_angstrom``, ``intensity_correlation``,
+        ``fsc_resolution_0p143_angstrom`` (None when the FSC never drops below the
+        threshold; ``..._reached`` false, ``..._status`` and ``..._better_than_angstrom``
+        (Nyquist) say so: :func:`~spinifel.evaluate.fsc.resolution_fields`),
+        ``intensity_correlation``,
         ``intensity_log_correlation``, ``intensity_shell_correlation``,
         ``orientation_error_deg`` {median, p90, mean, frac_within_grid_spacing, ...} or
         ``None``, ``global_rotation_quaternion`` ([w, x, y, z] of ``G`` with

@@ -71,7 +71,9 @@ from spinifel.io.common import DatasetInfo, _attr_value, _dtype_name, _open
 
 log = logging.getLogger("spinifel")
 
-# CXI 1.6 mask bits (cxi.h names).
+# CXI pixel-mask bits as defined by Cheetah (antonbarty/cheetah-2017,
+# source/libcheetah/include/detectorObject.h, "oriented along conventions defined for CXI
+# file format") and Condor (FXIhub/condor, src/utils/pixelmask.py); docs/cxi.md.
 CXI_PIXEL_IS_INVALID = 0x1
 CXI_PIXEL_IS_SATURATED = 0x2
 CXI_PIXEL_IS_HOT = 0x4
@@ -83,17 +85,22 @@ CXI_PIXEL_IS_BAD = 0x80
 CXI_PIXEL_IS_OUT_OF_RESOLUTION_LIMITS = 0x100  # informational (a hit finder's range)
 CXI_PIXEL_IS_MISSING = 0x200
 CXI_PIXEL_IS_NOISY = 0x400
-CXI_PIXEL_IS_ARTIFACT_CORRECTED = 0x800  # informational
-CXI_PIXEL_HAS_SIGNAL = 0x1000  # informational
+CXI_PIXEL_IS_ARTIFACT_CORRECTED = 0x800  # informational: the correction succeeded
+CXI_PIXEL_FAILED_ARTIFACT_CORRECTION = 0x1000  # e.g. Cheetah's common mode failed
+CXI_PIXEL_IS_PEAK_FOR_HITFINDER = 0x2000  # informational (hit finding)
+CXI_PIXEL_IS_PHOTON_BACKGROUND_CORRECTED = 0x4000  # informational
+CXI_PIXEL_IS_IN_JET = 0x8000  # Cheetah only: the liquid jet's streak
 
 #: Mask bits that remove a pixel from the reconstruction: its value is not a valid photon
-#: count of the scattered wave (invalid, saturated, hot, dead, shadowed, to be ignored,
-#: bad, missing (a gap of a modular detector), noisy). Peak-mask, resolution-limit,
-#: artifact-corrected and has-signal bits describe a good pixel and are ignored, as are
-#: the user-defined bits above 0x1000.
+#: count of the particle's scattered wave (invalid, saturated, hot, dead, shadowed, to be
+#: ignored, bad, missing (a gap of a modular detector), noisy, failed artifact correction
+#: (the offset was not removed), in the jet streak). Peak-mask, resolution-limit,
+#: artifact-corrected, hit-finder-peak and background-corrected bits describe a good pixel
+#: and are ignored, as are the bits above 0x8000.
 NO_WEIGHT_BITS = (CXI_PIXEL_IS_INVALID | CXI_PIXEL_IS_SATURATED | CXI_PIXEL_IS_HOT
                   | CXI_PIXEL_IS_DEAD | CXI_PIXEL_IS_SHADOWED | CXI_PIXEL_IS_TO_BE_IGNORED
-                  | CXI_PIXEL_IS_BAD | CXI_PIXEL_IS_MISSING | CXI_PIXEL_IS_NOISY)
+                  | CXI_PIXEL_IS_BAD | CXI_PIXEL_IS_MISSING | CXI_PIXEL_IS_NOISY
+                  | CXI_PIXEL_FAILED_ARTIFACT_CORRECTION | CXI_PIXEL_IS_IN_JET)
 
 #: Largest relative spread accepted in a per-image ``distance`` / photon energy (0.1 %).
 PER_IMAGE_RTOL = 1e-3

@@ -11,6 +11,7 @@ import numpy as np
 from spinifel.backend.arrays import to_module
 from spinifel.config import Config
 from spinifel.errors import SpinifelError
+from spinifel.evaluate.fsc import format_resolution
 from spinifel.parallel.collectives import gather_objects
 from spinifel.parallel.partition import round_robin
 from spinifel.pipeline.handlers import HandlerSet, summary
@@ -72,8 +73,9 @@ def finish(solver: MTIPSolver, handlers: HandlerSet) -> dict:
         if p.ctx.rank == 0:
             final_eval = _record_prtf(res, solver, handlers) or final_eval
             s = res["summary"]
-            log.info("PRTF of %d phasing runs: drops to 1/e at %.2f A%s", s["n_runs"],
-                     s["resolution_1_over_e_angstrom"],
+            log.info("PRTF of %d phasing runs: drops below its random-phase floor at %s%s",
+                     s["n_runs"], format_resolution(s["resolution_angstrom"], s["status"],
+                                                    s["better_than_angstrom"]),
                      "; the final density is their aligned average"
                      if cfg.validation.prtf_average else "")
     out = {"generations": len(metrics.metrics), "out_dir": str(metrics.out_dir),

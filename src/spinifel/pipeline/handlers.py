@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from spinifel.errors import SpinifelError
+from spinifel.evaluate.fsc import describe_resolution
 from spinifel.orientation.matching import REFINE_SLICES_PER_ROUND
 from spinifel.parallel.collectives import allgather_objects, gather_objects
 from spinifel.pipeline.problem import Problem
@@ -41,8 +42,10 @@ class InjectedFault(RuntimeError):
 
 def summary(ev: dict) -> dict:
     """The headline numbers of an evaluation (``metrics.json`` and the run's summary)."""
-    keep = ("density_correlation", "density_hand", "fsc_resolution_0p5_angstrom",
-            "fsc_resolution_0p143_angstrom", "intensity_correlation", "orientation_error_deg")
+    fsc_keys = tuple(f"fsc_resolution_{t}_{k}" for t in ("0p5", "0p143")
+                     for k in ("angstrom", "reached", "status", "better_than_angstrom"))
+    keep = ("density_correlation", "density_hand", *fsc_keys, "intensity_correlation",
+            "orientation_error_deg")
     return {k: ev[k] for k in keep if k in ev}
 
 
@@ -315,11 +318,11 @@ def log_generation(g: int, n: int, entry: dict, eta: tuple[float, bool]) -> None
            f"{stages}; ETA {eta_s}")
     hs = entry.get("half_set")
     if hs:
-        msg += f"; half-set FSC0.143 {hs['resolution_0p143_angstrom']:.1f} A"
+        msg += f"; half-set FSC0.143 {describe_resolution(hs, 'resolution_0p143')}"
     ev = entry.get("evaluation")
     if ev:
         msg += (f"; truth: correlation {ev.get('density_correlation', float('nan')):.3f}, "
-                f"FSC0.5 {ev.get('fsc_resolution_0p5_angstrom', float('nan')):.1f} A")
+                f"FSC0.5 {describe_resolution(ev, 'fsc_resolution_0p5')}")
         oe = ev.get("orientation_error_deg")
         if isinstance(oe, dict) and "median" in oe:
             msg += f", median orientation error {oe['median']:.1f} deg"

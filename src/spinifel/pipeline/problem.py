@@ -31,7 +31,7 @@ from spinifel.io.dataset import (
     shard_bounds,
 )
 from spinifel.merging.merge import ball_support
-from spinifel.parallel.collectives import all_true, allgather_objects
+from spinifel.parallel.collectives import allgather_objects
 from spinifel.parallel.context import ParallelContext, collective
 
 log = logging.getLogger("spinifel")
@@ -103,6 +103,7 @@ class Problem:
     s_norm: np.ndarray | None = None
     halves: np.ndarray | None = None
     half_rows: list | None = None
+    cv_rows: list | None = None
     orientation_batch: int = 0
     image_batch: int = 0
     truth: Any = None
@@ -143,6 +144,13 @@ class Problem:
     def load(self) -> Problem:
         """Read this rank's images and build the shared arrays (collective); returns self."""
         cfg, comm, a = self.cfg, self.ctx.comm, self.cfg.algorithm
+        from spinifel.runtime import check_memory
+
+        # Refuse (one line, every rank) before reading anything when the estimate cannot
+        # fit in this rank's share of the node's available memory; warn when it is close.
+        msg = collective(comm, check_memory, self.memory_estimate(), self.ctx.node_size)
+        if msg and self.ctx.rank == 0:
+            log.warning(msg)
         t_io = time.perf_counter()
         self.shard = collective(comm, read_shard, cfg.data.path, self.start, self.stop,
                                 cfg.detector.clip, cfg.detector.binning, cfg.data.negative,
@@ -161,6 +169,14 @@ class Problem:
         # each half's local rows: a host mask (orientations) and one for the images' module
         self.half_rows = None if self.halves is None else [
             (self.halves == h, to_module(self.halves == h, xp)) for h in (0, 1)]
+        # Rows of the two-fold split that chooses lambda (algorithm.lambda_choice =
+        # "holdout"): the half sets when they are on, else the same seeded split.
+        self.cv_rows = self.half_rows
+        if self.cv_rows is None and a.lambda_choice == "holdout" and self.n_images >= 2:
+            from spinifel.validation.halves import half_assignment
+
+            cv = half_assignment(self.n_images, cfg.runtime.seed)[self.start:self.stop]
+            self.cv_rows = [(cv == h, to_module(cv == h, xp)) for h in (0, 1)]
         self.orientation_batch, self.image_batch = _batches(cfg, self.backends, int(good.sum()))
         self._log_data()
         self.grid = orientation_grid(a.n_orientations)
@@ -243,10 +259,18 @@ def select_run_backends(cfg: Config, ctx: ParallelContext) -> Backends:
     from spinifel.backend.select import bind_device, select_backends
 
     be = collective(ctx.comm, select_backends, cfg.runtime.backend, cfg.runtime.nufft_backends)
-    if ctx.size > 1 and not all_true(ctx.comm, be.gpu):
-        be = select_backends("numpy", cfg.runtime.nufft_backends)
-        be = Backends(be.array, be.xp, be.nufft, "runtime.backend = auto: not every rank sees a "
-                      "GPU", be.skipped)
+    if ctx.size > 1:
+        from spinifel.backend.select import mixed_gpu_warning
+
+        flags = allgather_objects(ctx.comm, (bool(be.gpu), be.reason))
+        if not all(g for g, _ in flags):
+            msg = mixed_gpu_warning([g for g, _ in flags], [r for _, r in flags])
+            be = select_backends("numpy", cfg.runtime.nufft_backends)
+            if msg:  # some ranks have a GPU, others not: say which, never silently
+                if ctx.rank == 0:
+                    log.warning(msg)
+                be = Backends(be.array, be.xp, be.nufft, "runtime.backend = auto: not every "
+                              "rank sees a GPU", be.skipped)
     be = bind_device(be, ctx.node_rank, ctx.node_size)
     log.info("array backend %s (%s); NUFFT backend %s%s", be.array, be.reason, be.nufft,
              "".join(f"; skipped {k}: {v}" for k, v in be.skipped.items()))
@@ -277,6 +301,8 @@ def _memory_estimate(cfg: Config, n_local: int, n_pixels: int) -> int:
     gemm = min(a.image_batch, max(n_local, 1)) * a.orientation_batch * 8 * 2
     merge_pts = min(a.image_batch, max(n_local, 1)) * n_pixels * 8 * 4
     grids = (2 * a.M) ** 3 * 8 * 4 + a.M ** 3 * 8 * 8
+    # the multi-shift sweep holds two vectors per lambda (three sweeps under holdout)
+    grids += (2 * len(a.lambdas) + 4) * a.M ** 3 * 8 * (2 if a.lambda_choice == "holdout" else 1)
     if a.search == "coarse_to_fine":
         # the fine pass holds the fine slices its candidates need: with many images up to
         # the whole fine grid, capped by coarse_max_fine_slices

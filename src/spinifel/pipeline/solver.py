@@ -297,20 +297,22 @@ class MTIPSolver:
                                                p.image_batch, timings, cuda_aware)
 
         half_eqs = None
-        if p.half_rows is None:
+        if p.cv_rows is None:
             eq = equations(p.images, quats)
-        else:
-            half_eqs = [equations(p.images[d_mine], quats[mine]) for mine, d_mine in p.half_rows]
+        else:  # the full set's equations are the sum of the halves' (same NUFFT work)
+            half_eqs = [equations(p.images[d_mine], quats[mine]) for mine, d_mine in p.cv_rows]
             eq = add_normal_equations(*half_eqs)
+        holdout = tuple(half_eqs) if half_eqs is not None and a.lambda_choice == "holdout" \
+            else None
         x0 = self._zeros if st.full.phased_ac is None else st.full.phased_ac
         x_init = x0 if st.full.merged_ac is None else st.full.merged_ac
         res = merge(self.comm, eq, lambdas_rel=a.lambdas, x0=x0, x_init=x_init,
                     support=p.support, max_iter=a.cg_max_iter, tol=a.cg_tol, nthreads=threads,
-                    timings=timings, cuda_aware_mpi=cuda_aware)
+                    timings=timings, cuda_aware_mpi=cuda_aware, holdout=holdout)
         res.autocorrelation = to_host(res.autocorrelation)  # stage boundary: state on the host
         eq = None
         half_merged = None
-        if half_eqs is not None:
+        if p.half_rows is not None:
             with StageTimer(timings, "half_sets"):
                 hx0 = [self._zeros if hs.phased_ac is None else hs.phased_ac for hs in st.halves]
                 half_merged = solve_each(
@@ -386,7 +388,11 @@ class MTIPSolver:
                  "cg_iterations": res.cg_iterations[res.index], "lambda": res.lam,
                  "lambda_rel": res.lam_rel, "lcurve": {"lambdas_rel": res.lambdas_rel,
                                                       "residual_norms": res.residual_norms,
-                                                      "solution_norms": res.solution_norms},
+                                                      "solution_norms": res.solution_norms,
+                                                      "misfit_excess": res.misfit_excess,
+                                                      "heldout_misfit": res.heldout_misfit,
+                                                      "criterion": res.criterion,
+                                                      "cg_converged": res.cg_converged},
                  "orientation_change": changed, "density_change": density_change,
                  "fourier_error": full.fourier_error}
         if half_summary is not None:

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from spinifel.evaluate.align import align_density
-from spinifel.evaluate.fsc import fsc, resolution_at, to_host
+from spinifel.evaluate.fsc import fsc, resolution_fields, to_host
 
 
 def half_assignment(n_images: int, seed: int) -> np.ndarray:
@@ -57,7 +57,9 @@ def half_map_fsc(density_a: Any, density_b: Any, voxel_size_angstrom: float) -> 
     dict
         ``freq_inv_angstrom`` and ``fsc`` (lists, one value per shell ``0 .. M // 2``),
         ``resolution_0p143_angstrom`` and ``resolution_0p5_angstrom`` (the first crossing,
-        linear interpolation; the finest shell's resolution when never crossed),
+        linear interpolation; None when never crossed, with ``..._reached``, ``..._status``
+        and ``..._better_than_angstrom``: see
+        :func:`~spinifel.evaluate.fsc.resolution_fields`),
         ``hand`` of B relative to A ("same"/"mirrored"), ``correlation`` (real space,
         after alignment).
     """
@@ -67,6 +69,6 @@ def half_map_fsc(density_a: Any, density_b: Any, voxel_size_angstrom: float) -> 
     freq, curve = fsc(a, aligned, voxel_size_angstrom)
     return {"freq_inv_angstrom": [float(x) for x in freq],
             "fsc": [None if not np.isfinite(x) else float(x) for x in curve],
-            "resolution_0p143_angstrom": resolution_at(freq, curve, 0.143),
-            "resolution_0p5_angstrom": resolution_at(freq, curve, 0.5),
+            **resolution_fields("resolution_0p143", freq, curve, 0.143),
+            **resolution_fields("resolution_0p5", freq, curve, 0.5),
             "hand": info["hand"], "correlation": float(info["correlation"])}

@@ -86,7 +86,7 @@ def write_progress(out_dir: str | Path, doc: dict) -> Path:
     prtf = doc.get("prtf")
     if prtf and prtf.get("resolution_1_over_e_angstrom"):
         ax.axhline(prtf["resolution_1_over_e_angstrom"], color="tab:red", ls=":",
-                   label="final PRTF 1/e")
+                   label="final PRTF (above its random-phase floor)")
         drawn = True
     if drawn:
         ax.legend(fontsize=8)
