@@ -36,9 +36,9 @@ global rotation ``g`` (matrix ``G``), and ``I_dragonfly(x) = I_true(G x)`` (voxe
 from __future__ import annotations
 
 import argparse
-import configparser
 import datetime as dt
 import glob
+import itertools
 import json
 import math
 import os
@@ -259,7 +259,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     start = dt.datetime.now(dt.timezone.utc)
     t0 = time.perf_counter()
     with open(os.path.join(args.outdir, "emc_stderr.log"), "w") as err:
-        proc = subprocess.run(cmd, cwd=args.outdir, env=env, stdout=err, stderr=err)
+        proc = subprocess.run(cmd, check=False, cwd=args.outdir, env=env, stdout=err,
+                              stderr=err)
     wall = time.perf_counter() - t0
     info = {"command": shlex.join(cmd), "cwd": os.path.abspath(args.outdir),
             "threads": args.threads, "n_iter": n_iter, "returncode": proc.returncode,
@@ -345,10 +346,28 @@ def intensity_cc(model: np.ndarray, weight: np.ndarray, f: h5py.File, g: np.ndar
     edges = np.linspace(qmin, min(qmax, kn.max()), 6)
     shells = [{"q_vox_range": [float(a), float(b)], "n_voxels": int((sel := use & (kn >= a)
               & (kn < b)).sum()), "cc": cc(sel) if sel.sum() > 2 else None}
-              for a, b in zip(edges[:-1], edges[1:])]
+              for a, b in itertools.pairwise(edges)]
     return {"cc": cc(use), "n_voxels": int(use.sum()), "truth_grid": m,
             "dragonfly_grid": int(model.shape[0]), "interpolation": "trilinear",
             "shells": shells}
+
+
+def read_emc_log(outdir: str) -> list[dict[str, float]]:
+    """Per-iteration rows of Dragonfly's ``EMC.log`` (time s, rms_change, info_rate,
+    log-likelihood, num_rot, mean beta); empty when the log is absent."""
+    path = os.path.join(outdir, "EMC.log")
+    if not os.path.exists(path):
+        return []
+    keys = ("iteration", "time_s", "rms_change", "info_rate", "log_likelihood", "num_rot",
+            "beta_mean")
+    rows = []
+    with open(path) as fh:
+        for line in fh:
+            parts = line.split()
+            if len(parts) == len(keys) and parts[0].isdigit():
+                rows.append({k: (int(v) if k in ("iteration", "num_rot") else float(v))
+                             for k, v in zip(keys, parts)})
+    return rows
 
 
 def _run_facts(outdir: str) -> dict[str, Any]:
@@ -394,7 +413,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _dragonfly_commit() -> str:
     r = subprocess.run(["git", "-C", DRAGONFLY_DIR, "log", "-1", "--format=%H"],
-                       capture_output=True, text=True)
+                       check=False, capture_output=True, text=True)
     return r.stdout.strip() or "unknown"
 
 
@@ -404,6 +423,15 @@ def build_result(args: argparse.Namespace, exp_info: dict[str, Any], out_path: s
                  n_quat: int) -> dict[str, Any]:
     """Assemble the JSON record (numbers, commands, provenance, caveats)."""
     run = _run_facts(args.outdir)
+    log_rows = read_emc_log(args.outdir)
+    n_iter = run.get("n_iter", exp_info["n_iter"])
+    wall = run.get("wall_s")
+    pairs = float(err.size) * n_quat * n_iter
+    caveats = []
+    if err.size < exp_info["n_frames_in_file"]:
+        caveats.append(f"Only the first {err.size} of the {exp_info['n_frames_in_file']} "
+                       "frames were used, to fit the run into the time available on a "
+                       "shared 2-core machine (1 thread).")
     data_name = os.path.basename(args.data)
     here = os.path.relpath(os.path.abspath(__file__), os.getcwd())
     return {
@@ -414,7 +442,7 @@ def build_result(args: argparse.Namespace, exp_info: dict[str, Any], out_path: s
         "n_frames": int(err.size),
         "photons_per_frame_mean": exp_info["photons"]["mean_photons"],
         "n_orientations": n_quat, "num_div": exp_info["num_div"],
-        "iterations": run.get("n_iter", exp_info["n_iter"]),
+        "iterations": n_iter,
         "beta_schedule": exp_info["beta"], "need_scaling": 1,
         "output_file": os.path.relpath(out_path, args.outdir),
         "orientation_error_deg": {
@@ -437,19 +465,22 @@ def build_result(args: argparse.Namespace, exp_info: dict[str, Any], out_path: s
                 "mpi_ranks": 1, "start_utc": run.get("start_utc"),
                 "loadavg_before": run.get("loadavg_before"),
                 "loadavg_after": run.get("loadavg_after"), "nproc": run.get("nproc"),
-                "returncode": run.get("returncode")},
+                "returncode": run.get("returncode"),
+                "frame_orientation_pairs_per_s": pairs / wall if wall else None,
+                "emc_log_iteration_time_sum_s": sum(r["time_s"] for r in log_rows)},
+        "emc_log": log_rows,
         "commands": {
             "export": f"python {here} export {args.data} {args.outdir} --iters "
                       f"{exp_info['n_iter']}" + _frames_flag(exp_info),
             "run": f"python {here} run {args.outdir} --threads {run.get('threads')}",
             "emc_as_launched": run.get("command"),
             "evaluate": f"python {here} evaluate {args.data} {args.outdir} --json {args.json}"},
-        "caveats": [
-            "Wall time measured around the whole mpirun/emc process (setup included) with "
-            "nice -n 19 on a 2-core machine shared with other workers (see loadavg): it is "
-            "an upper bound, not a clean benchmark.",
-            "Orientation error uses Dragonfly's most likely orientation per frame "
-            "(output 'orientations'), not its full probability distribution.",
+        "caveats": caveats + [
+            ("Wall time measured around the whole mpirun/emc process (setup included) with "
+             "nice -n 19 on a 2-core machine shared with other workers (see loadavg): it is "
+             "an upper bound, not a clean benchmark."),
+            ("Orientation error uses Dragonfly's most likely orientation per frame "
+             "(output 'orientations'), not its full probability distribution."),
         ],
     }
 
