@@ -42,6 +42,7 @@ import itertools
 import json
 import math
 import os
+import resource
 import shlex
 import subprocess
 import sys
@@ -257,14 +258,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     load_before = os.getloadavg()
     start = dt.datetime.now(dt.timezone.utc)
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     with open(os.path.join(args.outdir, "emc_stderr.log"), "w") as err:
         proc = subprocess.run(cmd, check=False, cwd=args.outdir, env=env, stdout=err,
                               stderr=err)
     wall = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     info = {"command": shlex.join(cmd), "cwd": os.path.abspath(args.outdir),
             "threads": args.threads, "n_iter": n_iter, "returncode": proc.returncode,
-            "wall_s": wall, "start_utc": start.isoformat(timespec="seconds"),
+            "wall_s": wall, "cpu_s": cpu,
+            "cpu_s_how": "getrusage(RUSAGE_CHILDREN): user+sys of nice/mpirun/emc",
+            "start_utc": start.isoformat(timespec="seconds"),
             "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
             "nproc": os.cpu_count()}
     with open(os.path.join(args.outdir, "run_info.json"), "w") as fh:
@@ -461,12 +467,15 @@ def build_result(args: argparse.Namespace, exp_info: dict[str, Any], out_path: s
                    f"{exp_info['num_div']})"},
         "intensity_cc_vs_truth": cc,
         "mutual_info_mean_last_iter": float(np.mean(mutual_info)),
-        "run": {"wall_s": run.get("wall_s"), "threads": run.get("threads"),
+        "run": {"wall_s": run.get("wall_s"), "cpu_s": run.get("cpu_s"),
+                "cpu_s_how": run.get("cpu_s_how"), "threads": run.get("threads"),
                 "mpi_ranks": 1, "start_utc": run.get("start_utc"),
                 "loadavg_before": run.get("loadavg_before"),
                 "loadavg_after": run.get("loadavg_after"), "nproc": run.get("nproc"),
                 "returncode": run.get("returncode"),
                 "frame_orientation_pairs_per_s": pairs / wall if wall else None,
+                "frame_orientation_pairs_per_cpu_s": (pairs / run["cpu_s"]
+                                                      if run.get("cpu_s") else None),
                 "emc_log_iteration_time_sum_s": sum(r["time_s"] for r in log_rows)},
         "emc_log": log_rows,
         "commands": {
