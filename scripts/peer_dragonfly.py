@@ -431,6 +431,7 @@ def build_result(args: argparse.Namespace, exp_info: dict[str, Any], out_path: s
     run = _run_facts(args.outdir)
     log_rows = read_emc_log(args.outdir)
     n_iter = run.get("n_iter", exp_info["n_iter"])
+    last_iter = int(os.path.basename(out_path)[7:10])
     wall = run.get("wall_s")
     pairs = float(err.size) * n_quat * n_iter
     caveats = []
@@ -438,6 +439,10 @@ def build_result(args: argparse.Namespace, exp_info: dict[str, Any], out_path: s
         caveats.append(f"Only the first {err.size} of the {exp_info['n_frames_in_file']} "
                        "frames were used, to fit the run into the time available on a "
                        "shared 2-core machine (1 thread).")
+    if last_iter < n_iter or not run:
+        caveats.append(f"The run was stopped before it finished (deadline): scored at "
+                       f"iteration {last_iter} of {n_iter}; wall_s is then missing and "
+                       "the EMC.log iteration times give the time spent.")
     data_name = os.path.basename(args.data)
     here = os.path.relpath(os.path.abspath(__file__), os.getcwd())
     return {
@@ -448,7 +453,7 @@ def build_result(args: argparse.Namespace, exp_info: dict[str, Any], out_path: s
         "n_frames": int(err.size),
         "photons_per_frame_mean": exp_info["photons"]["mean_photons"],
         "n_orientations": n_quat, "num_div": exp_info["num_div"],
-        "iterations": n_iter,
+        "iterations": n_iter, "iteration_scored": last_iter,
         "beta_schedule": exp_info["beta"], "need_scaling": 1,
         "output_file": os.path.relpath(out_path, args.outdir),
         "orientation_error_deg": {
