@@ -137,16 +137,22 @@ def _read_geometry(f: h5py.File) -> dict[str, Any]:
             "pixel_size_m": float(f.attrs["pixel_size"])}
 
 
-def write_detector(path: str, geo: dict[str, Any]) -> dict[str, float]:
+def write_detector(path: str, geo: dict[str, Any], orient_qmax: float | None = None
+                   ) -> dict[str, float]:
     """Write Dragonfly's HDF5 detector file; returns ``ewald_rad`` and the largest ``|q|``.
 
     ``q_vox = s * lambda * ewald_rad`` per component (same axes and sign as spinifel's
     ``s``), ``corr = 1`` (the simulator has no solid-angle or polarisation factor),
-    ``mask`` 0 for good pixels and 2 (unused) for the beamstop, ``detd`` in pixels.
+    ``mask`` 0 for good pixels and 2 (unused) for the beamstop, ``detd`` in pixels. With
+    ``orient_qmax`` (voxels), good pixels with ``|q| > orient_qmax`` get mask 1 (merged
+    but not used to find orientations), as Dragonfly's own ``make_detector`` does for
+    pixels outside the inscribed circle.
     """
     ewald_rad = geo["det_distance_m"] / geo["pixel_size_m"]
     q = geo["s"] * geo["wavelength_m"] * ewald_rad
     mask = np.where(geo["good"], 0, 2).astype(np.uint8)
+    if orient_qmax is not None:
+        mask[geo["good"] & (np.linalg.norm(q, axis=1) > orient_qmax)] = 1
     with h5py.File(path, "w") as h:
         for i, name in enumerate(("qx", "qy", "qz")):
             h.create_dataset(name, data=np.ascontiguousarray(q[:, i], dtype=np.float64))
@@ -155,7 +161,9 @@ def write_detector(path: str, geo: dict[str, Any]) -> dict[str, float]:
         h.create_dataset("detd", data=np.float64(ewald_rad))
         h.create_dataset("ewald_rad", data=np.float64(ewald_rad))
     qn = np.linalg.norm(q[geo["good"]], axis=1)
-    return {"ewald_rad": ewald_rad, "q_max_vox": float(qn.max()), "q_min_vox": float(qn.min())}
+    return {"ewald_rad": ewald_rad, "q_max_vox": float(qn.max()), "q_min_vox": float(qn.min()),
+            "orient_qmax_vox": orient_qmax, "n_mask0": int((mask == 0).sum()),
+            "n_mask1": int((mask == 1).sum()), "n_mask2": int((mask == 2).sum())}
 
 
 def write_photons(path: str, frames: np.ndarray, good: np.ndarray) -> dict[str, float]:
@@ -231,7 +239,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         n_all = f["intensities"].shape[0]
         n = n_all if args.frames is None else min(args.frames, n_all)
         frames = np.asarray(f["intensities"][:n], dtype=np.float64).reshape(n, -1)
-    det = write_detector(os.path.join(args.outdir, "det.h5"), geo)
+    det = write_detector(os.path.join(args.outdir, "det.h5"), geo, args.orient_qmax)
     pho = write_photons(os.path.join(args.outdir, "photons.h5"), frames, geo["good"])
     sched = beta_schedule(pho["median_photons"], args.iters)
     write_config(args.outdir, args.iters, sched)
@@ -376,6 +384,51 @@ def read_emc_log(outdir: str) -> list[dict[str, float]]:
     return rows
 
 
+def error_by_iteration(outdir: str, q_true_all: np.ndarray, grid: np.ndarray
+                       ) -> list[dict[str, float]]:
+    """Median and p90 orientation error (deg) of every ``output_NNN.h5``, g refitted each."""
+    rows = []
+    for path in sorted(glob.glob(os.path.join(outdir, "output", "output_[0-9][0-9][0-9].h5"))):
+        with h5py.File(path, "r") as h:
+            if "orientations" not in h:
+                continue
+            idx = np.asarray(h["orientations"], dtype=np.int64)
+        qt, c = q_true_all[:idx.size], qconj(grid[idx])
+        g, _ = fit_global_rotation(qt, c, n_cand=128)
+        e = qangle_deg(qt, qmul(g, c))
+        rows.append({"iteration": int(os.path.basename(path)[7:10]),
+                     "median": float(np.median(e)), "p90": float(np.percentile(e, 90))})
+    return rows
+
+
+def self_consistency(model: np.ndarray, det_path: str, counts: np.ndarray, q_true: np.ndarray,
+                     q_d: np.ndarray, g: np.ndarray) -> dict[str, Any]:
+    """Poisson log-likelihood of frames under Dragonfly's own model: its pick vs the truth.
+
+    For each frame (dense counts ``(n, P)``), slice the model (trilinear, our code) at
+    Dragonfly's chosen orientation ``R(q_d)^T`` and at the true orientation mapped into its
+    frame ``G^T R(q_true)``, each slice scaled to the frame's photon total. A positive
+    difference for most frames means Dragonfly's picks are self-consistent with its model
+    (inputs read as intended) and the model itself differs from the truth.
+    """
+    with h5py.File(det_path, "r") as d:
+        q = np.stack([np.asarray(d[k], dtype=np.float64) for k in ("qx", "qy", "qz")])
+        use = np.asarray(d["mask"]) == 0
+    q, k = q[:, use], counts[:, use]
+    centre = model.shape[0] // 2
+    gt = qmatrix(g).T
+
+    def loglik(kk: np.ndarray, r: np.ndarray) -> float:
+        w = ndimage.map_coordinates(model, r @ q + centre, order=1, mode="constant") + 1e-12
+        w *= kk.sum() / w.sum()
+        return float(kk @ np.log(w) - w.sum())
+
+    diff = np.array([loglik(k[i], qmatrix(q_d[i]).T) - loglik(k[i], gt @ qmatrix(q_true[i]))
+                     for i in range(k.shape[0])])
+    return {"n_frames": int(diff.size), "median_loglik_pick_minus_truth": float(np.median(diff)),
+            "frac_truth_more_likely": float(np.mean(diff < 0))}
+
+
 def _run_facts(outdir: str) -> dict[str, Any]:
     path = os.path.join(outdir, "run_info.json")
     if not os.path.exists(path):
@@ -406,9 +459,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         g_alt, _ = fit_global_rotation(q_true, q_d)
         alt_med = float(np.median(qangle_deg(q_true, qmul(g_alt, q_d))))
         cc = intensity_cc(model, weight, f, g, exp_info, float(f.attrs["wavelength_m"]))
+        n_sc = min(100, n)
+        counts = np.asarray(f["intensities"][:n_sc], dtype=np.float64).reshape(n_sc, -1)
+        q_all = np.asarray(f["orientations"][:n], dtype=np.float64)
+    sc = self_consistency(model, os.path.join(args.outdir, "det.h5"), counts, q_true[:n_sc],
+                          q_d[:n_sc], g)
+    by_iter = error_by_iteration(args.outdir, q_all, grid)
     floor = nearest_angle_deg(random_quaternions(20000, np.random.default_rng(1)), grid)
     result = build_result(args, exp_info, out_path, err, fit, g, alt_med, floor, cc,
                           mutual_info, grid.shape[0])
+    result["orientation_error_by_iteration_deg"] = by_iter
+    result["self_consistency_first_frames"] = sc
+    result["caveats"] += list(args.note or [])
     with open(args.json, "w") as fh:
         json.dump(result, fh, indent=2)
         fh.write("\n")
@@ -485,7 +547,7 @@ def build_result(args: argparse.Namespace, exp_info: dict[str, Any], out_path: s
         "emc_log": log_rows,
         "commands": {
             "export": f"python {here} export {args.data} {args.outdir} --iters "
-                      f"{exp_info['n_iter']}" + _frames_flag(exp_info),
+                      f"{exp_info['n_iter']}" + _frames_flag(exp_info) + _qmax_flag(exp_info),
             "run": f"python {here} run {args.outdir} --threads {run.get('threads')}",
             "emc_as_launched": run.get("command"),
             "evaluate": f"python {here} evaluate {args.data} {args.outdir} --json {args.json}"},
@@ -497,6 +559,11 @@ def build_result(args: argparse.Namespace, exp_info: dict[str, Any], out_path: s
              "(output 'orientations'), not its full probability distribution."),
         ],
     }
+
+
+def _qmax_flag(exp_info: dict[str, Any]) -> str:
+    v = exp_info["detector"].get("orient_qmax_vox")
+    return "" if v is None else f" --orient-qmax {v}"
 
 
 def _frames_flag(exp_info: dict[str, Any]) -> str:
@@ -514,6 +581,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("outdir")
     e.add_argument("--frames", type=int, default=None, help="use the first N frames")
     e.add_argument("--iters", type=int, default=DEFAULT_ITERS)
+    e.add_argument("--orient-qmax", type=float, default=None,
+                   help="mask 1 (merge only) for pixels with |q| above this (voxels)")
     r = sub.add_parser("run", help="run emc and time it")
     r.add_argument("outdir")
     r.add_argument("--threads", type=int, default=1)
@@ -522,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("data")
     v.add_argument("outdir")
     v.add_argument("--json", default=None)
+    v.add_argument("--note", action="append", help="free-text note added to caveats")
     a = p.parse_args(argv)
     if a.cmd == "export":
         return cmd_export(a)
