@@ -471,6 +471,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result["orientation_error_by_iteration_deg"] = by_iter
     result["self_consistency_first_frames"] = sc
     result["caveats"] += list(args.note or [])
+    result["commands"]["evaluate"] += "".join(f" --note {shlex.quote(t)}" for t in args.note or [])
     with open(args.json, "w") as fh:
         json.dump(result, fh, indent=2)
         fh.write("\n")

@@ -128,3 +128,36 @@ def test_write_photons_rejects_non_integers(tmp_path: Path, bad: np.ndarray) -> 
     """Catches silently rounding non-count data (e.g. an intensity, not photons)."""
     with pytest.raises(ValueError, match="photon counts"):
         pdf.write_photons(str(tmp_path / "p.h5"), bad, np.ones(2, dtype=bool))
+
+
+def test_self_consistency_prefers_the_right_slice(tmp_path: Path,
+                                                  rng: np.random.Generator) -> None:
+    """Catches a slice taken with R instead of R^T (Dragonfly's transpose) or G instead of G^T.
+
+    Frames are the noise-free slices of an analytic model at Dragonfly orientations
+    ``q_d``; the truth is ``g (x) conj(q_d)``. Then pick and truth-mapped slices coincide
+    (difference ~ 0); a wrong pick makes the truth more likely.
+    """
+    size = 41
+    axd = np.arange(size) - size // 2
+    x = np.stack(np.meshgrid(axd, axd, axd, indexing="ij")).reshape(3, -1)
+    model = _gauss_blobs(x).reshape(size, size, size) + 1e-3
+    u = np.linspace(-15, 15, 16)
+    px, py = np.meshgrid(u, u, indexing="ij")
+    q = np.stack([px.ravel(), py.ravel(), -0.02 * (px.ravel() ** 2 + py.ravel() ** 2)])
+    with h5py.File(tmp_path / "det.h5", "w") as d:
+        for i, k in enumerate(("qx", "qy", "qz")):
+            d[k] = q[i]
+        d["mask"] = np.zeros(q.shape[1], dtype=np.uint8)
+    from scipy import ndimage
+    n = 6
+    q_d = pdf.random_quaternions(n, rng)
+    g = pdf.random_quaternions(1, rng)[0]
+    frames = np.array([1e3 * ndimage.map_coordinates(model, pdf.qmatrix(qq).T @ q + size // 2,
+                                                     order=1) for qq in q_d])
+    q_true = pdf.qmul(g, pdf.qconj(q_d))
+    ok = pdf.self_consistency(model, str(tmp_path / "det.h5"), frames, q_true, q_d, g)
+    assert abs(ok["median_loglik_pick_minus_truth"]) < 1e-6 * frames.sum() / n
+    bad = pdf.self_consistency(model, str(tmp_path / "det.h5"), frames, q_true,
+                               pdf.random_quaternions(n, rng), g)
+    assert bad["frac_truth_more_likely"] == 1.0
