@@ -317,7 +317,7 @@ def merge(comm: Any, eq: NormalEquations, *, lambdas_rel: Sequence[float], x0: n
     x = bcast_array(comm, xs[k] if rank == 0 else None, root=0, cuda_aware=cuda_aware_mpi,
                     xp=get_array_module(eq.rhs))
     if rank == 0:
-        _warn_sweep(lambdas_rel, k, n_iter, converged)
+        _warn_sweep(lambdas_rel, k, n_iter, converged, holdout is not None)
     t2 = time.perf_counter()
     if timings is not None:
         timings["merge_cg"] = timings.get("merge_cg", 0.0) + (t1 - t0)
@@ -329,9 +329,18 @@ def merge(comm: Any, eq: NormalEquations, *, lambdas_rel: Sequence[float], x0: n
                        criterion="holdout" if holdout is not None else "lcurve")
 
 
-def _warn_sweep(lambdas_rel: Sequence[float], k: int, n_iter: int, converged: bool) -> None:
-    """Log warnings for an unconverged sweep and a choice at an end of the sweep."""
-    if not converged:
+def _warn_sweep(lambdas_rel: Sequence[float], k: int, n_iter: int, converged: bool,
+                holdout: bool = False) -> None:
+    """Log warnings for an unconverged sweep and a choice at an end of the sweep.
+
+    An unconverged sweep invalidates the L-curve (its points are not Tikhonov solutions) but
+    not the held-out choice, which scores the solutions actually computed (CG stopped early
+    is itself a regulariser): INFO then, not WARNING.
+    """
+    if not converged and holdout:
+        log.info("merge: CG stopped at %d iterations (algorithm.cg_max_iter) before cg_tol; "
+                 "the held-out misfit ranks the solutions computed", n_iter)
+    elif not converged:
         log.warning("merge: CG did not reach cg_tol in %d iterations (algorithm.cg_max_iter); "
                     "the L-curve points are then not exact Tikhonov solutions", n_iter)
     order = np.argsort(lambdas_rel)
