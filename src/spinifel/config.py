@@ -221,6 +221,18 @@ class AlgorithmConfig:
                f"must be 'none', 'flat' or 'radial', got {self.background!r}")
         _check(self.background_shells >= 1, a + "background_shells",
                f"must be >= 1, got {self.background_shells}")
+        if self.score == "poisson":
+            # Refinement and the coarse-to-fine search rank orientations by the Euclidean
+            # distance; scoring them with the likelihood is not implemented (issue 13, item 8).
+            _check(self.search == "exhaustive", a + "search",
+                   "'coarse_to_fine' is not available with algorithm.score = 'poisson'; "
+                   "use 'exhaustive'")
+            _check(self.refine_rounds == 0 or self.refine_generations == 0, a + "refine_rounds",
+                   "local refinement is not available with algorithm.score = 'poisson'; set "
+                   "algorithm.refine_rounds = 0 (or algorithm.refine_generations = 0)")
+            _check(self.matching_mode == "replicated", a + "matching_mode",
+                   "'distributed' is not available with algorithm.score = 'poisson'; use "
+                   "'replicated'")
 
 
 @dataclass(frozen=True)
