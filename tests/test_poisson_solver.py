@@ -144,8 +144,10 @@ def test_poisson_refuses_euclidean_only_searches(counts, tmp_path, capsys, keys,
     assert code == 2 and len(err) == 1, err
     assert named in err[0], err[0]
     assert not (tmp_path / "o" / "result.h5").exists()
-    # refinement switched off by either key is accepted
+    # refinement switched off by either key is accepted; the default (-1, auto) is off
     load_config(None, (), {"algorithm": {"score": "poisson", "refine_generations": 0}})
+    assert load_config(None, ["algorithm.score=poisson"]).algorithm.refine_rounds == 0
+    assert load_config(None, []).algorithm.refine_rounds == 2
 
 
 def test_M_zero_chooses_M_from_the_data(tmp_path):

@@ -134,6 +134,8 @@ class AlgorithmConfig:
 
     def __post_init__(self) -> None:
         a = "algorithm."
+        if self.refine_rounds == -1:  # auto: no Euclidean refinement under the Poisson score
+            object.__setattr__(self, "refine_rounds", 0 if self.score == "poisson" else 2)
         _check(1 <= self.generations <= 10000, a + "generations",
                f"must be in [1, 10000], got {self.generations}")
         _check(self.M == 0 or (self.M % 2 == 1 and 9 <= self.M <= 513), a + "M",
@@ -173,7 +175,7 @@ class AlgorithmConfig:
         _check(self.match_resolution_ramp >= 1, a + "match_resolution_ramp",
                f"must be >= 1, got {self.match_resolution_ramp}")
         _check(0 <= self.refine_rounds <= 8, a + "refine_rounds",
-               f"must be in [0, 8], got {self.refine_rounds}")
+               f"must be in [0, 8] or -1 (auto), got {self.refine_rounds}")
         _check(self.refine_stencil in ("axes", "cube"), a + "refine_stencil",
                f"must be 'axes' or 'cube', got {self.refine_stencil!r}")
         _check(self.refine_generations >= 0, a + "refine_generations",
