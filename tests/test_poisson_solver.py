@@ -203,4 +203,4 @@ def test_photon_limited_reconstruction_converges(tmp_path):
 PHOTON_LIMITED_DATA = {"n_images": 400, "photons": 500.0, "n_pixels": 24}
 PHOTON_LIMITED_ALGORITHM = dict(TINY_ALGORITHM, generations=12, score="poisson",
                                 refine_rounds=0, n_orientations=1000,
-                                orientations_per_image=256)
+                                orientations_per_image=256, beta_start=0.01)
