@@ -4,7 +4,8 @@ SPMD: every rank runs every stage on its own shard of images; the collectives ar
 :mod:`spinifel.parallel`. Data flow of one generation::
 
     orient()   model (state.full / state.halves) + local images --> Assignment
-               (per local image: orientations (n, 4), grid index (n,), later weights)
+               (per local image: orientations (n, 4), grid index (n,); with
+               algorithm.score = "poisson" also the sparse orientation posterior)
     merge()    Assignment + local images --(type-1 NUFFTs, Allreduce, CG, L-curve)--> Merged
     phase()    Merged --(phasing jobs on their owner ranks, Bcast)--> list of Phased
     advance()  --> new SolverState (+ convergence) and the StepReport the handlers read
