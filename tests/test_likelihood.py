@@ -190,7 +190,7 @@ def test_config_keys_validated():
     kw = posterior_settings(load_config(None, ["algorithm.generations=9",
                                                "algorithm.beta_start=0.04"]).algorithm, 1)
     assert kw["beta"] == pytest.approx(0.04) and kw["fit_scale"] is True
-    assert kw["max_kept"] == 32 and kw["posterior_mass"] == 0.999 and kw["floor_rel"] == 1e-3
+    assert kw["max_kept"] == 512 and kw["posterior_mass"] == 0.999 and kw["floor_rel"] == 1e-3
     for bad, key in (("algorithm.score=gauss", "algorithm.score"),
                      ("algorithm.posterior_mass=0", "algorithm.posterior_mass"),
                      ("algorithm.beta_start=2", "algorithm.beta_start"),

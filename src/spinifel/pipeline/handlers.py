@@ -316,6 +316,11 @@ def log_generation(g: int, n: int, entry: dict, eta: tuple[float, bool]) -> None
     msg = (f"generation {g + 1}/{n}: lambda_rel {entry['lambda_rel']:.3g}, CG "
            f"{entry['cg_iterations']} it, orientation change {entry['orientation_change']:.3f}; "
            f"{stages}; ETA {eta_s}")
+    post = entry.get("posterior")
+    if post:
+        from spinifel.pipeline.poisson import posterior_log_text
+
+        msg += "; " + posterior_log_text(post)
     hs = entry.get("half_set")
     if hs:
         msg += f"; half-set FSC0.143 {describe_resolution(hs, 'resolution_0p143')}"

@@ -9,6 +9,7 @@ the ground truth on rank 0). Nothing here changes between generations.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -31,7 +32,7 @@ from spinifel.io.dataset import (
     shard_bounds,
 )
 from spinifel.merging.merge import ball_support
-from spinifel.parallel.collectives import allgather_objects
+from spinifel.parallel.collectives import allgather_objects, allreduce_sum
 from spinifel.parallel.context import ParallelContext, collective
 
 log = logging.getLogger("spinifel")
@@ -81,7 +82,14 @@ class Problem:
     ``fourier_mask`` (M, M, M) bool measured shell, ``s_norm`` (P,) ``|s|`` per pixel,
     ``halves`` (n_local,) int half of each local image or None, ``half_rows`` per half
     a (host mask, mask on ``xp``) pair or None, ``orientation_batch`` / ``image_batch``,
-    ``truth`` (rank 0 only, when evaluation is on and the dataset has it), ``shard``.
+    ``truth`` (rank 0 only, when evaluation is on and the dataset has it), ``shard``,
+    ``s_all`` (n_pixels,) ``|s|`` of every detector pixel, masked or not (matching cutoff),
+    and under ``algorithm.score = "poisson"``: the images are photon counts
+    (:func:`~spinifel.orientation.likelihood.photon_counts`), ``mean_image`` (P,) float64
+    the mean over ALL images (every rank; background estimate, None unless
+    ``algorithm.background`` is set) and ``shells`` (P,) int64 the background shell of each
+    good pixel. With ``algorithm.M = 0``, :meth:`load` replaces ``cfg`` by one with the
+    chosen ``M`` (:meth:`choose_box`).
     """
 
     cfg: Config
@@ -107,6 +115,9 @@ class Problem:
     orientation_batch: int = 0
     image_batch: int = 0
     truth: Any = None
+    s_all: np.ndarray | None = None
+    mean_image: np.ndarray | None = None
+    shells: np.ndarray | None = None
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -164,6 +175,11 @@ class Problem:
         good = self.geom.mask
         self.positions = np.ascontiguousarray(self.geom.positions[:, good])
         images = np.ascontiguousarray(self.shard.images[:, good], dtype=self.real)
+        if a.score == "poisson":
+            images = self._photon_counts(images)
+        if a.M == 0:
+            self.choose_box(images)
+            a = self.cfg.algorithm
         # GPU path: images and pixel positions go to the device once
         self.images, self.d_positions = to_module(images, xp), to_module(self.positions, xp)
         # each half's local rows: a host mask (orientations) and one for the images' module
@@ -183,11 +199,62 @@ class Problem:
         self.support = ball_support(a.M, a.ac_support_radius)
         self.fourier_mask = measured_fourier_mask(a.M, self.positions, self.extent)
         self.s_norm = np.linalg.norm(self.positions, axis=0)
+        self.s_all = np.linalg.norm(self.geom.positions.reshape(3, -1), axis=0)
+        if a.score == "poisson" and a.background != "none":
+            from spinifel.orientation.background import shell_index
+
+            total = np.ascontiguousarray(images.sum(axis=0, dtype=np.float64))
+            self.mean_image = allreduce_sum(comm, total) / max(self.n_images, 1)
+            self.shells = shell_index(self.positions, a.background_shells)
         if cfg.evaluation.enabled and self.ctx.rank == 0 and self.info.has_ground_truth:
             from spinifel.evaluate.report import load_ground_truth
 
             self.truth = load_ground_truth(cfg.data.path, a.M, self.extent)
         return self
+
+    def _photon_counts(self, images: np.ndarray) -> np.ndarray:
+        """This rank's images as photon counts (collective: a DatasetError on any rank is
+        raised on all of them)."""
+        from spinifel.orientation.likelihood import photon_counts
+
+        cfg = self.cfg
+        return collective(self.ctx.comm, photon_counts, images, cfg.data.adu_per_photon,
+                          cfg.data.path, self.info.images_dataset)
+
+    def choose_box(self, images: np.ndarray) -> int:
+        """``algorithm.M = 0``: choose ``M`` from the radial average of ALL images (collective).
+
+        The per-rank radial sums of the good pixels are summed over the ranks; the particle
+        diameter comes from :func:`spinifel.geometry.box.estimate_diameter` and ``M`` from
+        :func:`spinifel.geometry.box.choose_M`. Replaces ``self.cfg`` by a config with that
+        ``M`` (identical on every rank) and returns it; logs the box in angstrom and warns
+        when the estimate is not reliable (the low-``|s|`` speckles are not measured).
+        """
+        from spinifel.geometry.box import (
+            choose_M,
+            estimate_diameter,
+            radial_edges,
+            radial_profile,
+            radial_sums,
+        )
+
+        a = self.cfg.algorithm
+        s = np.linalg.norm(self.positions, axis=0)
+        edges = radial_edges(s)
+        sums = allreduce_sum(self.ctx.comm, np.ascontiguousarray(radial_sums(images, s, edges)))
+        est = estimate_diameter(radial_profile(sums, s, edges))
+        M = choose_M(est.diameter_m, self.extent, ac_support_radius=a.ac_support_radius)
+        self.cfg = dataclasses.replace(self.cfg, algorithm=dataclasses.replace(a, M=M))
+        log.info("algorithm.M = 0: particle diameter %.1f A from the radial average (fit %.1f A, "
+                 "reduced chi2 %.2f) -> M = %d, box %.1f A (voxel %.2f A)",
+                 est.diameter_m * 1e10, est.fitted_m * 1e10, est.reduced_chi2, M,
+                 M * self.voxel_angstrom, self.voxel_angstrom)
+        if not est.reliable and self.ctx.rank == 0:
+            log.warning("the diameter estimate is not reliable: the smallest measured |s| "
+                        "(%.4f 1/A) is beyond the first speckles of a %.1f A particle (beamstop "
+                        "too large?); set algorithm.M explicitly", est.s_min * 1e-10,
+                        est.diameter_m * 1e10)
+        return M
 
     def _log_data(self) -> None:
         comm, good = self.ctx.comm, self.geom.mask

@@ -36,7 +36,7 @@ def run_pipeline(cfg: Config, ctx: ParallelContext, *, overwrite: bool = False,
     out_dir = on_root(ctx.comm, output.prepare_output_dir, cfg.output.dir, overwrite=overwrite,
                       resume=resume)
     problem.load()
-    fp = checkpoint.fingerprint(cfg, problem.n_images, problem.geom.shape,
+    fp = checkpoint.fingerprint(problem.cfg, problem.n_images, problem.geom.shape,
                                checkpoint.dataset_identity(cfg.data.path, problem.n_images,
                                                            cfg.data.format))
     history: list[dict] = []

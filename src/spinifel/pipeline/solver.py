@@ -4,7 +4,8 @@ SPMD: every rank runs every stage on its own shard of images; the collectives ar
 :mod:`spinifel.parallel`. Data flow of one generation::
 
     orient()   model (state.full / state.halves) + local images --> Assignment
-               (per local image: orientations (n, 4), grid index (n,), later weights)
+               (per local image: orientations (n, 4), grid index (n,); with
+               algorithm.score = "poisson" also the sparse orientation posterior)
     merge()    Assignment + local images --(type-1 NUFFTs, Allreduce, CG, L-curve)--> Merged
     phase()    Merged --(phasing jobs on their owner ranks, Bcast)--> list of Phased
     advance()  --> new SolverState (+ convergence) and the StepReport the handlers read
@@ -26,20 +27,33 @@ import numpy as np
 from spinifel.backend.arrays import to_host, to_module
 from spinifel.backend.select import release_memory_pool
 from spinifel.config import Config
+from spinifel.geometry.resolution import matching_cutoff, matching_fraction
 from spinifel.merging.merge import (
     accumulate_normal_equations,
     add_normal_equations,
     merge,
     solve_each,
 )
+from spinifel.merging.probabilistic import accumulate_posterior_normal_equations
 from spinifel.orientation.matching import (
     match_distributed,
     match_orientations,
     refine_orientations,
 )
 from spinifel.orientation.slicing import Slicer
-from spinifel.parallel.collectives import allreduce_sum, bcast_array, gather_objects
+from spinifel.parallel.collectives import (
+    allreduce_sum,
+    bcast_array,
+    gather_objects,
+    reduce_summary,
+)
 from spinifel.phasing.algorithms import intensity_from_autocorrelation
+from spinifel.pipeline.poisson import (
+    combine_posteriors,
+    extend_background,
+    posterior_rows,
+    posterior_to_host,
+)
 from spinifel.pipeline.problem import Problem
 from spinifel.pipeline.state import ChainState, SolverState
 from spinifel.pipeline.timer import StageTimer
@@ -47,12 +61,16 @@ from spinifel.pipeline.timer import StageTimer
 log = logging.getLogger("spinifel")
 
 
+# Warn when the density (after phasing) or the merged autocorrelation (within its support)
+# reaches its box's edge with more than this fraction of its maximum (issue 13, item 6).
+EDGE_WARNING = 0.05
+
+
 def matching_resolution(generation: int, a) -> float:
-    """Fraction of the largest ``|s|`` used for matching in ``generation`` (>= 1)."""
-    if a.match_resolution_ramp <= 1:
-        return 1.0
-    t = (generation - 1) / (a.match_resolution_ramp - 1)
-    return float(min(1.0, a.match_resolution_start + (1.0 - a.match_resolution_start) * t))
+    """Fraction of the largest ``|s|`` of the detector that sets the matching cutoff of
+    ``generation`` (>= 1); :func:`spinifel.geometry.resolution.matching_cutoff` turns it into
+    a number of measured pixels."""
+    return matching_fraction(generation, a.match_resolution_start, a.match_resolution_ramp)
 
 
 def model_scale(model_ac: np.ndarray, data_ac: np.ndarray, fourier_mask: np.ndarray) -> float:
@@ -96,19 +114,30 @@ class Assignment:
     orientations : ndarray (n_local, 4) float64
         Orientation of each local image (host).
     index : ndarray (n_local,) int64 or None
-        Grid index of each image's best match; None when nothing was matched
-        (generation 0, ``use_true_orientations``).
+        Grid index of each image's best match (with a posterior: its most likely
+        orientation); None when nothing was matched (generation 0, ``use_true_orientations``).
     weights : ndarray or None
-        Reserved for a probabilistic stage (several orientations per image with weights);
-        None: one orientation per image with weight 1.
+        Reserved; None (the probabilistic assignment is ``posterior``).
     independent : bool
         Each half set was matched against its own half map only.
+    posterior : spinifel.orientation.likelihood.Posterior or None
+        ``algorithm.score = "poisson"``: the sparse orientation posterior of the local images
+        (host arrays); the merge uses it instead of ``orientations``. None: hard assignment.
+    background : tuple (ndarray (P,) float64, float) or None
+        Background per good pixel (photons) and the mean fluence it was fitted with,
+        estimated after this scoring (``algorithm.background``; identical on every rank).
+    metrics : dict or None
+        :func:`~spinifel.orientation.likelihood.posterior_metrics` over all ranks (the
+        ``"posterior"`` entry of ``metrics.json``).
     """
 
     orientations: np.ndarray
     index: np.ndarray | None = None
     weights: np.ndarray | None = None
     independent: bool = False
+    posterior: Any = None
+    background: tuple[np.ndarray, float] | None = None
+    metrics: dict | None = None
 
 
 @dataclass
@@ -170,6 +199,7 @@ class MTIPSolver:
         self.timings: dict[str, float] = {}
         M = self.cfg.algorithm.M
         self._zeros = np.zeros((M, M, M))
+        self._warned: set[str] = set()
 
     # ---------------------------------------------------------------- control
     @property
@@ -208,12 +238,15 @@ class MTIPSolver:
         if g == 0 or a.use_true_orientations:
             return Assignment(orientations=st.orientations)
         xp = p.xp
-        sel = p.s_norm <= matching_resolution(g, a) * p.s_norm.max()
+        sel = p.s_norm <= matching_cutoff(g, p.s_norm, p.s_all, start=a.match_resolution_start,
+                                          ramp=a.match_resolution_ramp)
         d_sel = to_module(sel, xp)
         m_images = p.images if sel.all() else xp.ascontiguousarray(p.images[:, d_sel])
         positions = p.d_positions[:, d_sel]
         independent = (st.halves is not None and self.cfg.validation.half_sets == "independent"
                        and g >= a.match_resolution_ramp and st.halves[0].phased_ac is not None)
+        if a.score == "poisson":
+            return self.orient_poisson(m_images, positions, sel, independent)
         if independent:
             # Gold standard: each half is matched against its own half map only.
             best = np.empty(p.n_local, dtype=np.int64)
@@ -226,6 +259,117 @@ class MTIPSolver:
         m_images = None  # the slices' memory, before the merge's buffers
         release_memory_pool(xp)
         return Assignment(orientations=quats, index=best, independent=independent)
+
+    def orient_poisson(self, images: Any, positions: Any, sel: np.ndarray,
+                       independent: bool) -> Assignment:
+        """The Poisson branch of :meth:`orient` (collective): posteriors of ``images`` (the
+        local photon counts at the ``sel`` pixels, positions ``positions``), the hard
+        orientation of each image (its most likely one), the background estimate and the
+        posterior metrics over all ranks."""
+        from spinifel.orientation.likelihood import posterior_metrics
+
+        p, st = self.problem, self.state
+        if independent:
+            parts = [self.score(st.halves[h].phased_ac, images[d_mine], positions, sel, mine)
+                     for h, (mine, d_mine) in enumerate(p.half_rows)]
+            post = combine_posteriors(parts, [mine for mine, _ in p.half_rows], p.n_local)
+        else:
+            post = self.score(st.full.phased_ac, images, positions, sel)
+        images = None
+        release_memory_pool(p.xp)
+        background = self.estimate_background(post, sel)
+        metrics = posterior_metrics(reduce_summary(self.comm, post.summary()), post.beta)
+        if background is not None:
+            metrics["background_photons_per_pixel"] = float(np.mean(background[0]))
+            metrics["background_fluence"] = background[1]
+        index = post.indices[:, 0].astype(np.int64)
+        return Assignment(orientations=p.grid[index], index=index, independent=independent,
+                          posterior=post, background=background, metrics=metrics)
+
+    def score(self, model_ac: np.ndarray, images: Any, positions: Any, sel: np.ndarray,
+              rows: np.ndarray | None = None):
+        """Poisson posterior of ``images`` against the slices of ``model_ac`` (this rank).
+
+        ``rows`` (host mask of the local images) selects the previous fluences of
+        ``algorithm.fluence = "emc"``. The slices are the model's intensity on the data's
+        scale (the merge's photons at fluence 1; phasing keeps that scale, see
+        :meth:`_share`). The score adds ``background / fluence`` of the previous
+        generation's estimate, if any. The returned posterior is on the host, its
+        ``fluence`` the EMC update ``N_k / sum_j P_kj S_j`` (the merge's and the next
+        scoring's). Adds "slicing" and "matching" to the timings.
+        """
+        import time
+
+        from spinifel.orientation.background import background_per_fluence
+        from spinifel.orientation.likelihood import (
+            posterior_settings,
+            score_orientations,
+            update_fluence,
+        )
+
+        p, a, st, timings = self.problem, self.cfg.algorithm, self.state, self.timings
+        t = time.perf_counter()
+        slicing_before = timings.get("slicing", 0.0)
+        settings = posterior_settings(a, self.generation)
+        slicer = Slicer(model_ac, positions, p.extent, a.nufft_eps_slicing, p.real,
+                        self.cfg.runtime.threads_per_rank)
+        bg = None
+        if st.background is not None:
+            bg = background_per_fluence(st.background[0][sel], st.background[1], like=images)
+        fluence = None if settings["fit_scale"] else self._emc_fluence(images, slicer, rows)
+        post = score_orientations(images, _timed_batches(slicer, p.grid, p.orientation_batch,
+                                                         timings),
+                                  fluence=fluence, image_batch=p.image_batch,
+                                  background_per_fluence=bg, **settings)
+        n_photons = p.xp.sum(images, axis=1, dtype=np.float64)
+        post.fluence = update_fluence(n_photons, post.expected_slice_sum)
+        timings["matching"] = (timings.get("matching", 0.0) + time.perf_counter() - t
+                               - (timings.get("slicing", 0.0) - slicing_before))
+        return posterior_to_host(post)
+
+    def _emc_fluence(self, images: Any, slicer: Slicer, rows: np.ndarray | None) -> Any:
+        """``algorithm.fluence = "emc"``: the previous scoring's fluences of these images,
+        or in the first scoring the photon-count ratio to the mean slice sum of the first
+        orientation batch."""
+        from spinifel.orientation.likelihood import initial_fluence, log_slices
+
+        p, st, xp = self.problem, self.state, self.problem.xp
+        if st.fluence is not None:
+            return to_module(st.fluence if rows is None else st.fluence[rows], xp)
+        first = slicer.slices(p.grid[:p.orientation_batch])
+        _, sums = log_slices(first, self.cfg.algorithm.likelihood_floor)
+        return initial_fluence(xp.sum(images, axis=1, dtype=np.float64), float(xp.mean(sums)))
+
+    def estimate_background(self, post: Any, sel: np.ndarray) -> tuple[np.ndarray, float] | None:
+        """Background per good pixel from the mean image and the model's orientation average
+        (``post.mean_slice``, at the ``sel`` pixels), extended to every good pixel by shell;
+        None when ``algorithm.background = "none"``. Identical on every rank."""
+        from spinifel.orientation.background import estimate_background
+
+        p, a = self.problem, self.cfg.algorithm
+        if a.background == "none" or post.mean_slice is None:
+            return None
+        b_sel, phi_ref = estimate_background(p.mean_image[sel], post.mean_slice, a.background,
+                                             p.shells[sel])
+        return extend_background(b_sel, p.shells[sel], p.shells), phi_ref
+
+    def warn_edge(self, kind: str, volume: np.ndarray, support: np.ndarray | None = None
+                  ) -> None:
+        """Warn once per run (rank 0) when ``volume`` reaches the edge of its box or support
+        (:func:`spinifel.geometry.box.support_touches_edge` above :data:`EDGE_WARNING`).
+        Not in generation 0: its random orientations smear the map over the whole support."""
+        from spinifel.geometry.box import support_touches_edge
+
+        if kind in self._warned or self.problem.ctx.rank != 0 or self.generation == 0:
+            return
+        frac = support_touches_edge(volume, support)
+        if frac > EDGE_WARNING:
+            self._warned.add(kind)
+            log.warning("the %s reaches the edge of its %s (%.2f of its maximum at generation "
+                        "%d): the box is too small for the particle; raise algorithm.M (now %d) "
+                        "or set it to 0 to choose it from the data", kind,
+                        "box" if support is None else "support", frac, self.generation,
+                        self.cfg.algorithm.M)
 
     def orientation_change(self, assignment: Assignment) -> float:
         """Fraction of all images whose grid match changed (collective; NaN if unknown)."""
@@ -289,18 +433,25 @@ class MTIPSolver:
         p, a, st, timings = self.problem, self.cfg.algorithm, self.state, self.timings
         cuda_aware = self.cfg.runtime.cuda_aware_mpi
         threads = self.cfg.runtime.threads_per_rank
-        quats = assignment.orientations
+        quats, post = assignment.orientations, assignment.posterior
+        bg = None if assignment.background is None else assignment.background[0]
 
-        def equations(images: Any, q: np.ndarray):
-            return accumulate_normal_equations(self.comm, images, q, p.d_positions, p.extent,
-                                               a.M, None, a.nufft_eps_merge, threads,
-                                               p.image_batch, timings, cuda_aware)
+        def equations(images: Any, q: np.ndarray, rows: np.ndarray | None = None):
+            if post is None:
+                return accumulate_normal_equations(self.comm, images, q, p.d_positions,
+                                                   p.extent, a.M, None, a.nufft_eps_merge,
+                                                   threads, p.image_batch, timings, cuda_aware)
+            return accumulate_posterior_normal_equations(
+                self.comm, images, post if rows is None else posterior_rows(post, rows), p.grid,
+                p.d_positions, p.extent, a.M, None, a.nufft_eps_merge, threads, p.image_batch,
+                timings, cuda_aware, background=bg)
 
         half_eqs = None
         if p.cv_rows is None:
             eq = equations(p.images, quats)
         else:  # the full set's equations are the sum of the halves' (same NUFFT work)
-            half_eqs = [equations(p.images[d_mine], quats[mine]) for mine, d_mine in p.cv_rows]
+            half_eqs = [equations(p.images[d_mine], quats[mine], mine)
+                        for mine, d_mine in p.cv_rows]
             eq = add_normal_equations(*half_eqs)
         holdout = tuple(half_eqs) if half_eqs is not None and a.lambda_choice == "holdout" \
             else None
@@ -310,6 +461,7 @@ class MTIPSolver:
                     support=p.support, max_iter=a.cg_max_iter, tol=a.cg_tol, nthreads=threads,
                     timings=timings, cuda_aware_mpi=cuda_aware, holdout=holdout)
         res.autocorrelation = to_host(res.autocorrelation)  # stage boundary: state on the host
+        self.warn_edge("merged autocorrelation", res.autocorrelation, p.support)
         eq = None
         half_merged = None
         if p.half_rows is not None:
@@ -336,7 +488,10 @@ class MTIPSolver:
                 jobs += [(merged.halves[h], st.halves[h], h + 1) for h in (0, 1)]
             done = [phase_chain(self.cfg, ac, chain, g, p.fourier_mask, stream, p.xp)
                     if rank == stream % size else None for ac, chain, stream in jobs]
-            return [self._share(ph, ac, stream % size) for (ac, _, stream), ph in zip(jobs, done)]
+            phased = [self._share(ph, ac, stream % size)
+                      for (ac, _, stream), ph in zip(jobs, done)]
+        self.warn_edge("density", phased[0].density)
+        return phased
 
     def _share(self, ph: Any, data_ac: np.ndarray, owner: int) -> Phased:
         """Broadcast one phasing result from ``owner``; rescale its autocorrelation."""
@@ -383,7 +538,10 @@ class MTIPSolver:
             full=ChainState(generation=g, merged_ac=res.autocorrelation,
                             phased_ac=full.phased_ac, density=full.density,
                             support=full.support),
-            halves=halves, converged=converged)
+            halves=halves, converged=converged,
+            fluence=(assignment.posterior.fluence if assignment.posterior is not None
+                     and a.fluence == "emc" else old.fluence),
+            background=assignment.background or old.background)
         entry = {"generation": g, "timings": self.timings,
                  "cg_iterations": res.cg_iterations[res.index], "lambda": res.lam,
                  "lambda_rel": res.lam_rel, "lcurve": {"lambdas_rel": res.lambdas_rel,
@@ -397,6 +555,8 @@ class MTIPSolver:
                  "fourier_error": full.fourier_error}
         if half_summary is not None:
             entry["half_set"] = half_summary
+        if assignment.metrics is not None:
+            entry["posterior"] = assignment.metrics
         return self._report(entry, assignment)
 
     def _report(self, entry: dict, assignment: Assignment) -> StepReport:

@@ -61,6 +61,14 @@ class SolverState:
         The half maps' chains (``validation.half_sets``); each warm-starts only from itself.
     converged : bool
         The last generation met both convergence tolerances.
+    fluence : ndarray (n_local,) float64 or None
+        ``algorithm.score = "poisson"`` with ``algorithm.fluence = "emc"``: this rank's
+        fluences of the last scoring (the next scoring's ``phi``); None otherwise.
+    background : tuple (ndarray (P,) float64, float) or None
+        Poisson score with ``algorithm.background``: the last estimate of the background
+        per good pixel (photons) and the mean fluence it was fitted with (identical on
+        every rank); the next scoring adds ``background / fluence`` to the slices.
+        Neither is checkpointed: a resumed run re-estimates them.
     """
 
     generation: int
@@ -69,6 +77,8 @@ class SolverState:
     full: ChainState
     halves: list[ChainState] | None = None
     converged: bool = False
+    fluence: np.ndarray | None = None
+    background: tuple[np.ndarray, float] | None = None
 
     @classmethod
     def initial(cls, problem: Any) -> SolverState:

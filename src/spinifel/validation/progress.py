@@ -26,6 +26,20 @@ def _num(v: Any) -> float:
     return float("nan") if v is None else float(v)
 
 
+def _posterior_curves(ax: Any, g: np.ndarray, gens: list[dict]) -> None:
+    """Poisson score: the information rate (nats) and log10 beta on a second axis of ``ax``."""
+    info = np.array([_num((e.get("posterior") or {}).get("mutual_information")) for e in gens])
+    if not np.isfinite(info).any():
+        return
+    beta = np.array([_num((e.get("posterior") or {}).get("beta")) for e in gens])
+    twin = ax.twinx()
+    twin.plot(g, info, "s-", ms=3, color="tab:green", label="information rate (nats)")
+    twin.plot(g, np.log10(beta), "^:", ms=3, color="tab:purple", label="log10 beta")
+    twin.set_ylabel("posterior")
+    twin.legend(fontsize=7, loc="upper right")
+    ax.set_title("orientation changes; posterior information and beta")
+
+
 def write_progress(out_dir: str | Path, doc: dict) -> Path:
     """Draw ``doc`` (the content of ``metrics.json``) into ``OUT/progress.png`` atomically.
 
@@ -71,6 +85,7 @@ def write_progress(out_dir: str | Path, doc: dict) -> Path:
     ax.set_title("orientation changes between generations")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
+    _posterior_curves(ax, g, gens)
 
     ax = axes[1, 0]
     hs = np.array([_num((e.get("half_set") or {}).get("resolution_0p143_angstrom")) for e in gens])
