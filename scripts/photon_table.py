@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""Print (or write between markers) the photon-limited results table from the runs' JSONs.
+
+Usage::
+
+    python scripts/photon_table.py docs/data/photon [--update docs/results.md]
+
+Each subfolder of the given folder holds one run's ``metrics.json`` (written by
+``spinifel-mpi run``) and its resolved ``config.toml`` (the ``config`` attribute of its
+``result.h5``). The table row is read from the last generation's ``evaluation`` and
+``posterior`` entries; stage seconds are summed over generations. A resolution the FSC
+never drops to is printed "not reached". Nothing in the table is typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+
+def _res(ev: dict, key: str) -> str:
+    v = ev.get(f"fsc_resolution_{key}_angstrom")
+    if v is None:
+        b = ev.get(f"fsc_resolution_{key}_better_than_angstrom")
+        return f"not reached (better than {b:.1f} A)" if b else "not reached"
+    return f"{v:.1f} A"
+
+
+def row(run: Path) -> str:
+    m = json.loads((run / "metrics.json").read_text())
+    cfg = tomllib.loads((run / "config.toml").read_text())
+    a = cfg["algorithm"]
+    gens = m["generations"]
+    last = gens[-1]
+    ev = last.get("evaluation") or {}
+    oe = ev.get("orientation_error_deg") or {}
+    seconds = sum(sum(v for v in g["timings"].values() if v) for g in gens)
+    return (f"| `{run.name}` | {Path(cfg['data']['path']).name} | {m['n_images']} | "
+            f"{a.get('score', 'euclidean')} | {a.get('beta_start', '')} | "
+            f"{a.get('orientations_per_image', '')} | {len(gens)}/{m['n_generations']} | "
+            f"{ev.get('density_correlation', float('nan')):.3f} | {_res(ev, '0p5')} | "
+            f"{_res(ev, '0p143')} | {oe.get('median', float('nan')):.1f} | "
+            f"{oe.get('p90', float('nan')):.1f} | {m['grid_spacing_deg']:.1f} | "
+            f"{last.get('orientation_change', float('nan')):.3f} | {seconds / 60:.0f} |")
+
+
+HEADER = ("| run | data | images | score | beta_start | kept cap | generations | density CC | "
+          "FSC 0.5 | FSC 0.143 | median error (deg) | p90 (deg) | grid spacing (deg) | "
+          "orientation change, last generation | stage minutes (sum) |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
+          "| --- |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("folder", type=Path)
+    p.add_argument("--update", type=Path, nargs="*", default=[])
+    args = p.parse_args(argv)
+    runs = sorted(d for d in args.folder.iterdir() if (d / "metrics.json").is_file())
+    text = HEADER + "\n" + "\n".join(row(r) for r in runs)
+    for path in args.update:
+        doc = path.read_text()
+        pat = re.compile(r"<!-- results:photon -->.*?<!-- /results:photon -->", re.S)
+        if not pat.search(doc):
+            raise SystemExit(f"{path}: no <!-- results:photon --> markers")
+        path.write_text(pat.sub(lambda _: f"<!-- results:photon -->\n{text}\n"
+                                          "<!-- /results:photon -->", doc, count=1))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
