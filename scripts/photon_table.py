@@ -18,8 +18,9 @@ import argparse
 import json
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 
 def _res(ev: dict, key: str) -> str:

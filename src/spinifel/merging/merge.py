@@ -122,10 +122,24 @@ def accumulate_normal_equations(comm: Any, images: np.ndarray, quaternions: np.n
         kern += plan_kern.execute(xp.tile(w, b - a))
         data_sq += ((x * x) @ w).sum() if xp is not np else np.einsum(
             "np,np,p->", images[a:b], images[a:b], w, dtype=np.float64)
+    scalars = to_module(xp.stack([w.sum() * images.shape[0], data_sq]), np, dtype=np.float64)
+    return finish_normal_equations(comm, rhs, kern, scalars, t0, nthreads=nthreads,
+                                   timings=timings, cuda_aware_mpi=cuda_aware_mpi)
+
+
+def finish_normal_equations(comm: Any, rhs: Any, kern: Any, scalars: np.ndarray, t0: float, *,
+                            nthreads: int = 1, timings: dict | None = None,
+                            cuda_aware_mpi: bool = False) -> NormalEquations:
+    """Sum this rank's type-1 grids and scalars over all ranks into :class:`NormalEquations`.
+
+    ``rhs`` and ``kern`` are the local complex ``(M,M,M)`` / ``(2M,2M,2M)`` grids, ``scalars``
+    the local ``[weight_sum, data_norm_sq]`` (float64, host); ``t0`` the start of the NUFFT
+    work, for the ``merge_nufft`` / ``merge_allreduce`` timings (collective).
+    """
+    xp = get_array_module(rhs)
     t1 = time.perf_counter()
     rhs_real = xp.ascontiguousarray(rhs.real)
     kern_real = xp.ascontiguousarray(kern.real)
-    scalars = to_module(xp.stack([w.sum() * images.shape[0], data_sq]), np, dtype=np.float64)
     allreduce_sum(comm, rhs_real, cuda_aware=cuda_aware_mpi)
     allreduce_sum(comm, kern_real, cuda_aware=cuda_aware_mpi)
     allreduce_sum(comm, scalars)

@@ -49,9 +49,7 @@ import scipy.sparse
 from spinifel.backend.arrays import get_array_module, to_module
 from spinifel.backend.nufft import Type1
 from spinifel.geometry.points import rotated_points
-from spinifel.merging.merge import NormalEquations
-from spinifel.merging.operator import kernel_spectrum
-from spinifel.parallel.collectives import allreduce_sum
+from spinifel.merging.merge import NormalEquations, finish_normal_equations
 
 
 def _pairs(indices: np.ndarray, weights: np.ndarray, n_kept: np.ndarray,
@@ -192,16 +190,6 @@ def accumulate_posterior_normal_equations(
         plan_kern.setpts(pts)
         kern += plan_kern.execute((to_module(c[a:b], xp)[:, None] * w[None, :]).ravel())
     data_sq = _data_norm_sq(images, posterior, w, bg, xp, image_batch)
-    t1 = time.perf_counter()
-    rhs_real = xp.ascontiguousarray(rhs.real)
-    kern_real = xp.ascontiguousarray(kern.real)
     scalars = np.array([float(to_module(w.sum(), np)) * float(c.sum()), data_sq])
-    allreduce_sum(comm, rhs_real, cuda_aware=cuda_aware_mpi)
-    allreduce_sum(comm, kern_real, cuda_aware=cuda_aware_mpi)
-    allreduce_sum(comm, scalars)
-    t2 = time.perf_counter()
-    spectrum = kernel_spectrum(kern_real, workers=nthreads)
-    if timings is not None:
-        timings["merge_nufft"] = timings.get("merge_nufft", 0.0) + (t1 - t0)
-        timings["merge_allreduce"] = timings.get("merge_allreduce", 0.0) + (t2 - t1)
-    return NormalEquations(rhs_real, spectrum, float(scalars[0]), float(scalars[1]))
+    return finish_normal_equations(comm, rhs, kern, scalars, t0, nthreads=nthreads,
+                                   timings=timings, cuda_aware_mpi=cuda_aware_mpi)
