@@ -188,7 +188,8 @@ class Problem:
         # Rows of the two-fold split that chooses lambda (algorithm.lambda_choice =
         # "holdout"): the half sets when they are on, else the same seeded split.
         self.cv_rows = self.half_rows
-        if self.cv_rows is None and a.lambda_choice == "holdout" and self.n_images >= 2:
+        if (self.cv_rows is None and a.lambda_choice == "holdout" and len(a.lambdas) > 1
+                and self.n_images >= 2):
             from spinifel.validation.halves import half_assignment
 
             cv = half_assignment(self.n_images, cfg.runtime.seed)[self.start:self.stop]

@@ -453,8 +453,8 @@ class MTIPSolver:
             half_eqs = [equations(p.images[d_mine], quats[mine], mine)
                         for mine, d_mine in p.cv_rows]
             eq = add_normal_equations(*half_eqs)
-        holdout = tuple(half_eqs) if half_eqs is not None and a.lambda_choice == "holdout" \
-            else None
+        holdout = (tuple(half_eqs) if half_eqs is not None and a.lambda_choice == "holdout"
+                   and len(a.lambdas) > 1 else None)  # one lambda: nothing to choose
         x0 = self._zeros if st.full.phased_ac is None else st.full.phased_ac
         x_init = x0 if st.full.merged_ac is None else st.full.merged_ac
         res = merge(self.comm, eq, lambdas_rel=a.lambdas, x0=x0, x_init=x_init,
