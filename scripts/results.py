@@ -60,7 +60,10 @@ def snippet(metrics: dict, command: str, commit: str) -> str:
                      + (f" (p90 {oe['p90']:.1f} deg)" if "p90" in oe else ""))
     lam = last.get("lambda_rel")
     if lam is not None:
-        crit = (last.get("lcurve") or {}).get("criterion", "lcurve")
+        lc = last.get("lcurve") or {}
+        crit = lc.get("criterion", "lcurve")
+        if len(lc.get("lambdas_rel") or [0, 0]) == 1:
+            crit = "fixed"  # one value in algorithm.lambdas: nothing was chosen
         parts.append(f"final lambda_rel {lam:g} ({crit})")
     size = (f"{metrics.get('n_images')} images, M = {metrics.get('M')}, "
             f"{len(metrics['generations'])} generations, {metrics.get('n_ranks')} ranks")

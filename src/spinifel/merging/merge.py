@@ -340,7 +340,8 @@ def merge(comm: Any, eq: NormalEquations, *, lambdas_rel: Sequence[float], x0: n
                        index=k, lambdas_rel=list(lambdas_rel), residual_norms=resid,
                        solution_norms=norms, cg_iterations=[n_iter] * n,
                        misfit_excess=excess, cg_converged=converged, heldout_misfit=held,
-                       criterion="holdout" if holdout is not None else "lcurve")
+                       criterion=("holdout" if holdout is not None
+                                  else "lcurve" if n > 1 else "fixed"))
 
 
 def _warn_sweep(lambdas_rel: Sequence[float], k: int, n_iter: int, converged: bool,
