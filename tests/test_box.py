@@ -14,7 +14,7 @@ from spinifel.phasing.algorithms import autocorrelation_from_density
 from spinifel.simulate import dataset as ds
 from spinifel.simulate.structure import builtin_molecule, load_structure
 
-PDB = Path("/work/shared/data/pdb")
+PDB = Path(__file__).resolve().parents[2] / "shared" / "data" / "pdb"  # ../shared beside the clone
 
 
 def _ball(M: int, radius: float, centre: float | None = None) -> np.ndarray:
