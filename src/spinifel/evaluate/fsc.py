@@ -154,25 +154,18 @@ def resolution_at(freq: object, curve: object, threshold: float,
         value is already below the threshold at zero frequency; ``nan`` if the curve has no
         finite value.
     """
-    f = to_host(freq).astype(np.float64).ravel()
-    c = to_host(curve).astype(np.float64).ravel()
-    if f.shape != c.shape:
-        raise ValueError(f"freq and curve must have one length, got {f.size} and {c.size}")
-    ok = np.isfinite(c) & np.isfinite(f)
-    f, c = f[ok], c[ok]
-    if f.size == 0:
+    value, status, limit = crossing(freq, curve, threshold)
+    if status == "empty":
         return float("nan")
-    below = np.nonzero(c < threshold)[0]
-    if below.size == 0:
+    if status == "not reached":
         if nyquist_angstrom is not None:
             return float(nyquist_angstrom)
-        return float(1.0 / f[-1]) if f[-1] > 0 else float("inf")
-    i = int(below[0])
-    if i == 0:
-        return float(1.0 / f[0]) if f[0] > 0 else float("inf")
-    f0, f1, c0, c1 = f[i - 1], f[i], c[i - 1], c[i]
-    fx = f0 + (threshold - c0) * (f1 - f0) / (c1 - c0)
-    return float(1.0 / fx) if fx > 0 else float("inf")
+        return float("inf") if limit is None else limit
+    if status == "below":  # below from the first finite shell on
+        f = to_host(freq).astype(np.float64).ravel()
+        f0 = f[np.isfinite(to_host(curve).astype(np.float64).ravel()) & np.isfinite(f)][0]
+        return float(1.0 / f0) if f0 > 0 else float("inf")
+    return float("inf") if value is None else value
 
 
 def pearson(a: object, b: object, mask: object | None = None) -> float:
