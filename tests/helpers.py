@@ -162,3 +162,25 @@ def tiny_config(path: Path, out: Path, algorithm: dict, validation: dict | None 
     if validation:
         extra["validation"] = validation
     return load_config(None, (), extra)
+
+
+def blob_slicer(M: int = 15, n_side: int = 12, eps: float = 1e-9):
+    """A model without near-symmetries on a strongly curved detector, for local searches.
+
+    The autocorrelation of 10 Gaussian blobs (seed 11) on an ``M^3`` grid, sliced at
+    ``n_side^2`` pixels of a paraboloid ``s_z = 0.6 (s_x^2 + s_y^2)`` (a flat detector cannot
+    tell ``q`` from ``q`` turned by pi about the beam). Returns a float64
+    :class:`spinifel.orientation.slicing.Slicer`.
+    """
+    from spinifel.orientation.slicing import Slicer
+    from spinifel.phasing.algorithms import autocorrelation_from_density
+
+    idx = np.indices((M, M, M)) - (M - 1) / 2
+    x = np.zeros((M, M, M))
+    for c in np.random.default_rng(11).uniform(-3.5, 3.5, (10, 3)):
+        x += np.exp(-((idx - c[:, None, None, None]) ** 2).sum(0) / 0.8)
+    ac = autocorrelation_from_density(x)
+    g = np.linspace(-1, 1, n_side)
+    gx, gy = np.meshgrid(g, g, indexing="ij")
+    s = np.stack([gx.ravel(), gy.ravel(), 0.6 * (gx.ravel() ** 2 + gy.ravel() ** 2)]) * 1e9
+    return Slicer(ac, s, np.linalg.norm(s, axis=0).max(), eps=eps, dtype=np.float64)

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from helpers import blob_slicer
 from spinifel.geometry.orientations import orientation_grid
 from spinifel.orientation.matching import match_orientations
 from spinifel.orientation.slicing import Slicer
@@ -67,22 +68,9 @@ def test_refinement_finds_off_grid_orientation(rng, stencil):
     from spinifel.geometry.orientations import angle_between, grid_spacing, random_quaternions
     from spinifel.orientation.matching import refine_orientations
 
-    M = 15
-    idx = np.indices((M, M, M)) - (M - 1) / 2
-    x = np.zeros((M, M, M))
-    # many small blobs: an autocorrelation without near-symmetries
-    for c in np.random.default_rng(11).uniform(-3.5, 3.5, (10, 3)):
-        x += np.exp(-((idx - c[:, None, None, None]) ** 2).sum(0) / 0.8)
-    ac = autocorrelation_from_density(x)
-    g = np.linspace(-1, 1, 12)
-    gx, gy = np.meshgrid(g, g, indexing="ij")
-    s = np.stack([gx.ravel(), gy.ravel(), 0.6 * (gx.ravel() ** 2 + gy.ravel() ** 2)]) * 1e9
-    extent = np.linalg.norm(s, axis=0).max()
-    slicer = Slicer(ac, s, extent, eps=1e-9, dtype=np.float64)
+    slicer = blob_slicer()
     n_grid = 500
     grid = orientation_grid(n_grid)
-    # A strongly curved detector: a flat one cannot tell q from q rotated by pi about the
-    # beam, which is not what this test is about.
     truth = random_quaternions(20, rng)  # off the grid
     images = slicer.slices(truth)
     st = match_orientations(images, slicer.iter_batches(grid, 100))

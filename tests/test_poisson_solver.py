@@ -44,7 +44,7 @@ def noise_free(tmp_path_factory):
 
 def _problem(path, tmp_path, **algo):
     cfg = tiny_config(path, tmp_path / "never_written",
-                      dict(TINY_ALGORITHM, generations=2, refine_rounds=0, **algo))
+                      {**TINY_ALGORITHM, "generations": 2, "refine_rounds": 0, **algo})
     cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, precision="double"))
     return Problem.open(cfg, ParallelContext.serial()).load()
 
@@ -132,13 +132,12 @@ def test_poisson_refuses_non_count_data(noise_free, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("keys,named", [
-    ({"refine_rounds": 2, "refine_generations": 3}, "algorithm.refine_rounds"),
     ({"search": "coarse_to_fine", "refine_rounds": 0}, "algorithm.search"),
     ({"matching_mode": "distributed", "refine_rounds": 0}, "algorithm.matching_mode"),
 ])
 def test_poisson_refuses_euclidean_only_searches(counts, tmp_path, capsys, keys, named):
-    """Catches local refinement, the coarse-to-fine search or the distributed matching
-    silently ranking orientations by the Euclidean distance under the Poisson score: a
+    """Catches the coarse-to-fine search or the distributed matching silently ranking
+    orientations by the Euclidean distance under the Poisson score: a
     ConfigError naming the key at config build, and through the CLI one line, exit 2."""
     from spinifel.config import load_config
 
@@ -151,10 +150,48 @@ def test_poisson_refuses_euclidean_only_searches(counts, tmp_path, capsys, keys,
     assert code == 2 and len(err) == 1, err
     assert named in err[0], err[0]
     assert not (tmp_path / "o" / "result.h5").exists()
-    # refinement switched off by either key is accepted; the default (-1, auto) is off
-    load_config(None, (), {"algorithm": {"score": "poisson", "refine_generations": 0}})
-    assert load_config(None, ["algorithm.score=poisson"]).algorithm.refine_rounds == 0
+    # local refinement is accepted (it maximises the likelihood); auto is 3 rounds, 2 for
+    # the Euclidean score
+    load_config(None, (), {"algorithm": {"score": "poisson", "refine_rounds": 2}})
+    assert load_config(None, ["algorithm.score=poisson"]).algorithm.refine_rounds == 3
     assert load_config(None, []).algorithm.refine_rounds == 2
+
+
+def test_orient_poisson_refines_off_the_grid_and_merges_there(counts, tmp_path):
+    """Catches likelihood refinement not applied in a refinement generation, applied before
+    beta reaches 1, or a merge that reads the grid instead of the refined orientations:
+    bright Poisson images of the true model at random (off-grid) orientations; in the last
+    generation (beta 1) the orientations are refined several times closer to the truth than
+    the grid's best, the merge equals the hard merge at the refined orientations, and a
+    generation still annealing (beta < 1) keeps the grid posterior."""
+    from spinifel.geometry.orientations import angle_between, random_quaternions
+
+    p = _problem(counts, tmp_path, score="poisson", refine_rounds=3, refine_generations=3,
+                 generations=4, n_orientations=300, beta_start=0.1)
+    ac = _true_ac(p)
+    rng = np.random.default_rng(3)
+    truth = random_quaternions(p.n_local, rng)
+    s = Slicer(ac, p.positions, p.extent, 1e-12, np.float64, 1)
+    slices = np.clip(s.slices(truth), 0, None)
+    p.images = rng.poisson(slices / slices.sum(axis=1, keepdims=True) * 2e5).astype(np.float64)
+    st = SolverState.initial(p)
+    st.full.phased_ac = ac
+    st.generation = 3  # the solver runs generation 4 of 4: refinement, beta = 1
+    solver = MTIPSolver(p, st)
+    a = solver.orient()
+    grid_err = np.median(angle_between(p.grid[a.index], truth))
+    fine_err = np.median(angle_between(a.orientations, truth))
+    assert a.posterior_grid is a.orientations and fine_err < 0.3 * grid_err, (grid_err, fine_err)
+    np.testing.assert_array_equal(a.posterior.indices[:, 0], np.arange(p.n_local))
+    assert "refinement" in solver.timings
+    post = dataclasses.replace(a.posterior, fluence=np.ones(p.n_local))
+    soft = solver.merge(dataclasses.replace(a, posterior=post)).result.autocorrelation
+    hard = solver.merge(Assignment(orientations=a.orientations)).result.autocorrelation
+    assert np.abs(soft - hard).max() <= 1e-6 * np.abs(hard).max()
+    st.generation = 0  # generation 1: within refine_generations, but beta = beta_start
+    b = MTIPSolver(p, st).orient()
+    assert b.metrics["beta"] < 1 and b.posterior_grid is None
+    np.testing.assert_array_equal(b.orientations, p.grid[b.index])
 
 
 def test_M_zero_chooses_M_from_the_data(tmp_path):

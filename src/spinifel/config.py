@@ -135,8 +135,8 @@ class AlgorithmConfig:
 
     def __post_init__(self) -> None:
         a = "algorithm."
-        if self.refine_rounds == -1:  # auto: no Euclidean refinement under the Poisson score
-            object.__setattr__(self, "refine_rounds", 0 if self.score == "poisson" else 2)
+        if self.refine_rounds == -1:  # auto: measured per score (defaults.toml)
+            object.__setattr__(self, "refine_rounds", 3 if self.score == "poisson" else 2)
         _check(1 <= self.generations <= 10000, a + "generations",
                f"must be in [1, 10000], got {self.generations}")
         _check(self.M == 0 or (self.M % 2 == 1 and 9 <= self.M <= 513), a + "M",
@@ -227,14 +227,11 @@ class AlgorithmConfig:
         _check(self.background_shells >= 1, a + "background_shells",
                f"must be >= 1, got {self.background_shells}")
         if self.score == "poisson":
-            # Refinement and the coarse-to-fine search rank orientations by the Euclidean
-            # distance; scoring them with the likelihood is not implemented (issue 13, item 8).
+            # The coarse-to-fine search ranks orientations by the Euclidean distance; its
+            # likelihood version is not implemented (local refinement is: the likelihood).
             _check(self.search == "exhaustive", a + "search",
                    "'coarse_to_fine' is not available with algorithm.score = 'poisson'; "
                    "use 'exhaustive'")
-            _check(self.refine_rounds == 0 or self.refine_generations == 0, a + "refine_rounds",
-                   "local refinement is not available with algorithm.score = 'poisson'; set "
-                   "algorithm.refine_rounds = 0 (or algorithm.refine_generations = 0)")
             _check(self.matching_mode == "replicated", a + "matching_mode",
                    "'distributed' is not available with algorithm.score = 'poisson'; use "
                    "'replicated'")

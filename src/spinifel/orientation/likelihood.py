@@ -113,6 +113,55 @@ def poisson_scores(images: Any, log_w: Any, slice_sums: Any, *, fluence: Any = N
     return out
 
 
+def candidate_log_likelihood(images: Any, slices: Any, n_per_image: int, *,
+                             fluence: Any = None, fit_scale: bool = False,
+                             floor_rel: float = DEFAULT_FLOOR_REL,
+                             background_per_fluence: Any = None) -> Any:
+    """Poisson log-likelihood of each image against its own candidate slices.
+
+    The score of :func:`score_orientations` (same floor, fluence and background terms) for
+    local refinement, where every image has its own orientations instead of a shared grid.
+
+    Parameters
+    ----------
+    images : array (n, P) float32/float64
+        Photon counts at the good pixels.
+    slices : array (n * n_per_image, P)
+        Model slices (expected photons, fluence 1), image-major: rows
+        ``i * n_per_image .. (i + 1) * n_per_image - 1`` belong to image ``i``.
+    n_per_image : int
+        Candidates per image ``k``.
+    fluence : array (n,) float64
+        ``phi_k`` (required unless ``fit_scale``).
+    fit_scale : bool
+        Per-pair fitted fluence (``- N_k log S``) instead of ``- phi_k S``.
+    background_per_fluence : array (P,) or None
+        Added to every slice before the log, as in :func:`score_orientations`.
+
+    Returns
+    -------
+    array (n, k) float64
+        ``L`` (terms constant per image dropped, as in :func:`poisson_scores`), accumulated
+        in float64: candidates a fraction of a degree apart differ by a few units of ``L``.
+    """
+    xp = get_array_module(images, slices)
+    n = images.shape[0]
+    w = xp.asarray(slices, dtype=np.float64)
+    if background_per_fluence is not None:
+        w = w + xp.asarray(background_per_fluence, dtype=np.float64)[None, :]
+    log_w, sums = log_slices(w, floor_rel)
+    k64 = xp.asarray(images, dtype=np.float64)
+    out = xp.einsum("np,nkp->nk", k64, log_w.reshape(n, n_per_image, -1))
+    sums = sums.reshape(n, n_per_image)
+    if fit_scale:
+        out -= xp.sum(k64, axis=1)[:, None] * xp.log(sums)
+    else:
+        if fluence is None:
+            raise ValueError("fluence is required unless fit_scale")
+        out -= xp.asarray(fluence, dtype=np.float64)[:, None] * sums
+    return out
+
+
 def initial_fluence(n_photons: Any, mean_slice_sum: float) -> Any:
     """First-generation fluence ``phi_k = N_k / mean_j S_j`` (photon count ratio).
 

@@ -22,7 +22,7 @@ the numpy path below is its reference.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -270,7 +270,8 @@ def _candidate_distances(images, cand, slicer, transform, scale_per_image, n_per
 def refine_orientations(images: np.ndarray, quaternions: np.ndarray, slicer, step: float,
                         n_rounds: int = 2, scale_per_image: bool = False,
                         image_batch: int = 256, transform: str = "none",
-                        stencil: str = "axes") -> tuple[np.ndarray, np.ndarray]:
+                        stencil: str = "axes", scorer: Callable | None = None
+                        ) -> tuple[np.ndarray, np.ndarray]:
     """Local search around each image's orientation, off the grid.
 
     Each round searches rotations ``q * exp(v)`` about the current orientation with ``v``
@@ -298,6 +299,12 @@ def refine_orientations(images: np.ndarray, quaternions: np.ndarray, slicer, ste
         Initial half-width in radians (half the grid spacing is a good start).
     stencil : {"axes", "cube"}
         Search points per round (see above).
+    scorer : callable or None
+        Another objective to minimise instead of the distance: ``scorer(rows, slices, k)``
+        with ``rows`` the ``slice`` of the image block, ``slices`` the model slices
+        ``(n_rows * k, P)`` of its candidates (image-major) returns ``(n_rows, k)`` values
+        on the host (e.g. minus the Poisson log-likelihood). ``transform`` and
+        ``scale_per_image`` are then unused.
 
     Returns
     -------
@@ -307,7 +314,14 @@ def refine_orientations(images: np.ndarray, quaternions: np.ndarray, slicer, ste
 
     if stencil not in REFINE_SLICES_PER_ROUND:
         raise ValueError(f"stencil must be 'axes' or 'cube', got {stencil!r}")
-    images = apply_transform(images, transform)
+    if scorer is None:
+        images = apply_transform(images, transform)
+
+    def objective(a: int, b: int, cand: np.ndarray, k: int) -> np.ndarray:
+        if scorer is not None:
+            return np.asarray(to_module(scorer(slice(a, b), slicer.slices(cand), k), np))
+        return _candidate_distances(images[a:b], cand, slicer, transform, scale_per_image, k)
+
     q = np.array(to_module(quaternions, np), dtype=np.float64, copy=True)
     dist = np.full(len(q), np.inf)
     for r in range(n_rounds):
@@ -318,12 +332,10 @@ def refine_orientations(images: np.ndarray, quaternions: np.ndarray, slicer, ste
             b = min(a + image_batch, len(q))
             n = b - a
             cand = multiply(q[a:b, None, :], offsets[None, :, :])  # (n, k, 4)
-            d = _candidate_distances(images[a:b], cand.reshape(-1, 4), slicer, transform,
-                                     scale_per_image, k)
+            d = objective(a, b, cand.reshape(-1, 4), k)
             if stencil == "axes":
                 extra = multiply(q[a:b], _rotvec_to_quaternion(_parabolic_offsets(d, h)))
-                d_extra = _candidate_distances(images[a:b], extra, slicer, transform,
-                                               scale_per_image, 1)
+                d_extra = objective(a, b, extra, 1)
                 cand = np.concatenate([cand, extra[:, None, :]], axis=1)
                 d = np.concatenate([d, d_extra], axis=1)
             best = np.argmin(d, axis=1)

@@ -97,3 +97,13 @@ def posterior_log_text(metrics: dict[str, Any]) -> str:
     if "background_photons_per_pixel" in metrics:
         text += f", background {metrics['background_photons_per_pixel']:.3g} photons/pixel"
     return text
+
+
+def one_hot_posterior(post: Posterior) -> Posterior:
+    """A posterior that puts image ``i`` at row ``i`` of its own orientation list with
+    probability 1 (host arrays): the merge's input after likelihood refinement, whose
+    orientations (one per image) replace the grid (``Assignment.posterior_grid``).
+    Fluence and the per-image statistics are ``post``'s."""
+    n = post.indices.shape[0]
+    return dataclasses.replace(post, indices=np.arange(n, dtype=np.int64)[:, None],
+                               weights=np.ones((n, 1)), n_kept=np.ones(n, dtype=np.int64))

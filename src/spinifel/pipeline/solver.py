@@ -51,6 +51,7 @@ from spinifel.phasing.algorithms import intensity_from_autocorrelation
 from spinifel.pipeline.poisson import (
     combine_posteriors,
     extend_background,
+    one_hot_posterior,
     posterior_rows,
     posterior_to_host,
 )
@@ -129,6 +130,10 @@ class Assignment:
     metrics : dict or None
         :func:`~spinifel.orientation.likelihood.posterior_metrics` over all ranks (the
         ``"posterior"`` entry of ``metrics.json``).
+    posterior_grid : ndarray (J', 4) float64 or None
+        The orientations ``posterior.indices`` point into when they are not the problem's
+        grid: after likelihood refinement, the refined orientation of every local image
+        (a one-hot posterior, image ``i`` at row ``i``). None: the problem's grid.
     """
 
     orientations: np.ndarray
@@ -138,6 +143,7 @@ class Assignment:
     posterior: Any = None
     background: tuple[np.ndarray, float] | None = None
     metrics: dict | None = None
+    posterior_grid: np.ndarray | None = None
 
 
 @dataclass
@@ -269,12 +275,18 @@ class MTIPSolver:
         from spinifel.orientation.likelihood import posterior_metrics
 
         p, st = self.problem, self.state
+        refined = None
         if independent:
             parts = [self.score(st.halves[h].phased_ac, images[d_mine], positions, sel, mine)
                      for h, (mine, d_mine) in enumerate(p.half_rows)]
-            post = combine_posteriors(parts, [mine for mine, _ in p.half_rows], p.n_local)
+            post = combine_posteriors([pt for pt, _ in parts], [mine for mine, _ in p.half_rows],
+                                      p.n_local)
+            if parts[0][1] is not None:
+                refined = np.empty((p.n_local, 4))
+                for (mine, _), (_, q) in zip(p.half_rows, parts):
+                    refined[mine] = q
         else:
-            post = self.score(st.full.phased_ac, images, positions, sel)
+            post, refined = self.score(st.full.phased_ac, images, positions, sel)
         images = None
         release_memory_pool(p.xp)
         background = self.estimate_background(post, sel)
@@ -283,6 +295,10 @@ class MTIPSolver:
             metrics["background_photons_per_pixel"] = float(np.mean(background[0]))
             metrics["background_fluence"] = background[1]
         index = post.indices[:, 0].astype(np.int64)
+        if refined is not None:  # one orientation per image, off the grid
+            return Assignment(orientations=refined, index=index, independent=independent,
+                              posterior=one_hot_posterior(post), background=background,
+                              metrics=metrics, posterior_grid=refined)
         return Assignment(orientations=p.grid[index], index=index, independent=independent,
                           posterior=post, background=background, metrics=metrics)
 
@@ -325,7 +341,46 @@ class MTIPSolver:
         post.fluence = update_fluence(n_photons, post.expected_slice_sum)
         timings["matching"] = (timings.get("matching", 0.0) + time.perf_counter() - t
                                - (timings.get("slicing", 0.0) - slicing_before))
-        return posterior_to_host(post)
+        post = posterior_to_host(post)
+        refined = None
+        if self.refining(settings["beta"]):
+            with StageTimer(timings, "refinement"):
+                refined = self.refine_likelihood(images, post, slicer, settings, fluence, bg)
+        return post, refined
+
+    def refining(self, beta: float) -> bool:
+        """Whether this generation refines orientations off the grid: one of the last
+        ``refine_generations`` with ``refine_rounds > 0`` and, under the Poisson score, the
+        annealing finished (``beta == beta_end``: refinement keeps one orientation per image,
+        the limit of a posterior at full inverse temperature)."""
+        a = self.cfg.algorithm
+        if a.refine_rounds <= 0 or self.generation < a.generations - a.refine_generations:
+            return False
+        return a.score != "poisson" or beta >= a.beta_end
+
+    def refine_likelihood(self, images: Any, post: Any, slicer: Slicer, settings: dict,
+                          fluence: Any, bg: Any) -> np.ndarray:
+        """Each image's most likely grid orientation refined off the grid by maximising its
+        Poisson log-likelihood (the score of the grid search, same fluence and background;
+        :func:`~spinifel.orientation.matching.refine_orientations`). Returns ``(n, 4)`` on
+        the host."""
+        from spinifel.geometry.orientations import grid_spacing
+        from spinifel.orientation.likelihood import candidate_log_likelihood
+
+        a, p = self.cfg.algorithm, self.problem
+        phi = None if fluence is None else to_module(fluence, p.xp)
+
+        def minus_log_likelihood(rows: slice, slices: Any, k: int) -> Any:
+            return -candidate_log_likelihood(
+                images[rows], slices, k, fluence=None if phi is None else phi[rows],
+                fit_scale=settings["fit_scale"], floor_rel=settings["floor_rel"],
+                background_per_fluence=bg)
+
+        start = p.grid[post.indices[:, 0].astype(np.int64)]
+        quats, _ = refine_orientations(images, start, slicer, 0.5 * grid_spacing(a.n_orientations),
+                                       a.refine_rounds, stencil=a.refine_stencil,
+                                       scorer=minus_log_likelihood)
+        return quats
 
     def _emc_fluence(self, images: Any, slicer: Slicer, rows: np.ndarray | None) -> Any:
         """``algorithm.fluence = "emc"``: the previous scoring's fluences of these images,
@@ -398,7 +453,7 @@ class MTIPSolver:
         timings["matching"] = (timings.get("matching", 0.0) + time.perf_counter() - t
                                - (timings.get("slicing", 0.0) - slicing_before))
         quats = p.grid[match.best_index]
-        if a.refine_rounds > 0 and self.generation >= a.generations - a.refine_generations:
+        if self.refining(1.0):
             from spinifel.geometry.orientations import grid_spacing
 
             with StageTimer(timings, "refinement"):
@@ -442,7 +497,8 @@ class MTIPSolver:
                                                    p.extent, a.M, None, a.nufft_eps_merge,
                                                    threads, p.image_batch, timings, cuda_aware)
             return accumulate_posterior_normal_equations(
-                self.comm, images, post if rows is None else posterior_rows(post, rows), p.grid,
+                self.comm, images, post if rows is None else posterior_rows(post, rows),
+                p.grid if assignment.posterior_grid is None else assignment.posterior_grid,
                 p.d_positions, p.extent, a.M, None, a.nufft_eps_merge, threads, p.image_batch,
                 timings, cuda_aware, background=bg)
 
