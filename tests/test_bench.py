@@ -24,6 +24,12 @@ def test_bench_small_case(tmp_path, capsys):
         assert r[stage]["seconds"] > 0 and r[stage]["limit_seconds"] > 0
         assert r[stage]["fraction_of_limit"] > 0
     assert r["matching"]["unit"] == "GFLOP/s"
+    # the Poisson path: likelihood against its GEMMs, the probabilistic merge per kept count
+    assert "likelihood" in text and r["likelihood"]["limit_seconds"] > 0
+    for k in (1, 8, 64):
+        pm = r[f"probabilistic_merge_k{k}"]
+        assert pm["kept_pairs"] == 40 * k and 0 < pm["active_orientations"] <= min(40 * k, 200)
+        assert pm["seconds"] > 0 and pm["ratio_to_hard_merge"] > 0
     assert r["fft_library"]["numpy_fft_pair"] > 0 and r["fft_library"]["scipy_fft_pair"] > 0
     c2f = r["coarse_to_fine"]
     assert "coarse-to-fine search" in text

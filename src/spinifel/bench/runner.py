@@ -10,6 +10,9 @@ slicing     ``Slicer`` over the orientation grid       one finufft type-2 plan, 
 matching    ``match_orientations`` (slices given)      the bare float GEMMs of the same shapes
 c2f search  ``match_coarse_to_fine`` (slicing incl.)   exhaustive slicing + matching (same grid)
 merge NUFFT ``accumulate_normal_equations``            bare type-1 plans onto M^3 and (2M)^3
+likelihood  ``score_orientations`` (slices given)      the bare float GEMMs ``K @ log(W)^T``
+prob. merge posterior merge, 1/8/64 kept per image     (ratio to the hard merge; module
+                                                       :mod:`spinifel.bench.poisson`)
 CG          time per iteration of the sweep            one rfftn + irfftn pair on (2M)^3
 phasing     time per ER/HIO iteration                  one rfftn + irfftn pair on M^3
 ==========  =========================================  ==========================================
@@ -204,6 +207,14 @@ def run_bench(comm: Any, *, images_per_rank: int, n_pixels: int, M: int, n_orien
                           "rate": 2 * mpts.shape[1] / timings["merge_nufft"], "unit": "points/s"}
     out["merge_allreduce"] = {"seconds": timings["merge_allreduce"], "limit_seconds": None,
                               "bytes": 8 * ((2 * M) ** 3 + M ** 3 + 2)}
+
+    # the Poisson path: likelihood score vs its GEMMs; probabilistic merge vs the hard one
+    from spinifel.bench.poisson import likelihood_bench, merge_bench, photon_images
+
+    counts = photon_images(images, 1000.0, seed + rank)
+    out["likelihood"] = likelihood_bench(counts, batches)
+    out.update(merge_bench(comm, counts, grid, pos, extent, M, threads,
+                           out["merge_nufft"]["seconds"], seed=seed + rank))
 
     # CG: time per iteration vs one FFT pair on (2M)^3
     z = np.zeros((M, M, M))

@@ -1,0 +1,95 @@
+"""Benchmarks of the Poisson path: the likelihood score and the probabilistic merge.
+
+==========================  ========================================  ==========================
+stage                       ours                                      limit measured in the run
+==========================  ========================================  ==========================
+likelihood                  ``score_orientations`` (slices given):    the bare float GEMMs
+                            log-slices, GEMM, streaming posterior     ``K @ log(W)^T`` alone
+probabilistic_merge_kK      ``accumulate_posterior_normal_equations`` the hard merge of the
+                            with K orientations kept per image        same images (its NUFFTs)
+==========================  ========================================  ==========================
+
+The merge entries report the seconds per kept (image, orientation) pair and per active
+orientation (an orientation some local image keeps): the aggregated merge runs its NUFFTs
+once per active orientation, so its cost follows the active orientations, not the pairs.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from spinifel.merging.probabilistic import accumulate_posterior_normal_equations
+from spinifel.orientation.likelihood import Posterior, log_slices, score_orientations
+
+
+def _clock(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def photon_images(images: np.ndarray, photons: float, seed: int) -> np.ndarray:
+    """Poisson counts with ``photons`` expected per image from model images (same dtype)."""
+    w = np.maximum(np.asarray(images, dtype=np.float64), 0)
+    w *= photons / np.maximum(w.sum(axis=1, keepdims=True), 1e-300)
+    return np.random.default_rng(seed).poisson(w).astype(images.dtype)
+
+
+def likelihood_bench(counts: np.ndarray, batches: list, kept: int = 64) -> dict:
+    """The Poisson score over given slice batches against its bare GEMMs (same shapes).
+
+    Parameters
+    ----------
+    counts : ndarray (n, P) float32/float64
+        Photon counts of this rank's images.
+    batches : list of (offset, ndarray (B, P))
+        Model slices of the whole grid (as matching gets them).
+    kept : int
+        ``orientations_per_image`` of the streaming posterior.
+    """
+    t_ours = _clock(lambda: score_orientations(counts, iter(batches), beta=1.0, max_kept=kept,
+                                               posterior_mass=0.999, fit_scale=True))
+    logs = [log_slices(b.astype(counts.dtype))[0] for _, b in batches]
+    t_lim = _clock(lambda: [counts @ lw.T for lw in logs])
+    flops = 2.0 * counts.shape[0] * sum(b.shape[0] for _, b in batches) * counts.shape[1]
+    return {"seconds": t_ours, "limit_seconds": t_lim, "rate": flops / t_ours / 1e9,
+            "unit": "GFLOP/s", "limit_rate": flops / t_lim / 1e9, "kept": kept}
+
+
+def random_posterior(n: int, n_grid: int, kept: int, rng: np.random.Generator) -> Posterior:
+    """``kept`` distinct random grid orientations per image with Dirichlet weights, fluence 1."""
+    idx = np.argsort(rng.random((n, n_grid)), axis=1)[:, :kept].astype(np.int64)
+    w = rng.dirichlet(np.ones(kept), size=n)
+    z = np.zeros(n)
+    return Posterior(indices=idx, weights=w, n_kept=np.full(n, kept, np.int64),
+                     log_likelihood=z, entropy=z, dropped_mass=z, expected_slice_sum=z + 1,
+                     fluence=z + 1, n_orientations=n_grid, mean_slice_sum=1.0, beta=1.0)
+
+
+def merge_bench(comm: Any, counts: np.ndarray, grid: np.ndarray, positions: np.ndarray,
+                extent: float, M: int, threads: int, hard_seconds: float,
+                kept_values: tuple[int, ...] = (1, 8, 64), seed: int = 0) -> dict:
+    """The probabilistic merge at several numbers kept per image (collective over ``comm``).
+
+    ``hard_seconds`` is the hard merge's NUFFT time of the same images (the reference).
+    Returns one entry per value of ``kept``: ``probabilistic_merge_k{kept}``.
+    """
+    out = {}
+    rng = np.random.default_rng(seed)
+    n = counts.shape[0]
+    for k in kept_values:
+        post = random_posterior(n, len(grid), min(k, len(grid)), rng)
+        active = len(np.unique(post.indices))
+        timings: dict = {}
+        accumulate_posterior_normal_equations(comm, counts, post, grid, positions, extent, M,
+                                              None, 1e-6, threads, 1024, timings)
+        sec = timings["merge_nufft"]
+        out[f"probabilistic_merge_k{k}"] = {
+            "seconds": sec, "limit_seconds": None, "hard_merge_seconds": hard_seconds,
+            "ratio_to_hard_merge": sec / hard_seconds, "kept_per_image": int(k),
+            "kept_pairs": int(n * k), "active_orientations": active,
+            "seconds_per_kept_pair": sec / (n * k), "seconds_per_active_orientation": sec / active}
+    return out
