@@ -279,28 +279,54 @@ def posterior_metrics(sums: dict[str, float], beta: float) -> dict[str, float]:
             "fluence": sums["fluence"] / n, "n_images": n}
 
 
-def _top_k(scores: Any, idx: Any, k: int) -> tuple[Any, Any]:
-    """Per row the ``k`` largest scores, best first, ties to the lower index.
+def _sort_desc(scores: Any, idx: Any) -> tuple[Any, Any]:
+    """Rows sorted by descending score, ties to the lower index."""
+    xp = get_array_module(scores)
+    order = xp.argsort(idx, axis=1)  # index order first, then a stable sort by score
+    scores, idx = xp.take_along_axis(scores, order, 1), xp.take_along_axis(idx, order, 1)
+    order = xp.argsort(-scores, axis=1, kind="stable")
+    return xp.take_along_axis(scores, order, 1), xp.take_along_axis(idx, order, 1)
 
-    (With ``k > 1`` a tie exactly at the k-th place of one batch wider than ``2k`` is
-    broken by ``argpartition``, i.e. arbitrarily; real-valued scores do not tie.)
-    """
+
+def _top_k(scores: Any, idx: Any, k: int) -> tuple[Any, Any]:
+    """Per row the ``k`` largest scores, best first, ties to the lower index (``k = 1``: the
+    running best in column 0, then one batch in ascending index order)."""
     xp = get_array_module(scores)
     if k == 1:
-        # column 0 is the running best, the rest one batch in ascending index order:
         # argmax takes the first maximum of the batch, then an explicit tie rule
         j = xp.argmax(scores[:, 1:], axis=1)[:, None] + 1
         s_new, i_new = xp.take_along_axis(scores, j, 1), xp.take_along_axis(idx, j, 1)
         s_old, i_old = scores[:, :1], idx[:, :1]
         better = (s_new > s_old) | ((s_new == s_old) & ((i_new < i_old) | (i_old < 0)))
         return xp.where(better, s_new, s_old), xp.where(better, i_new, i_old)
-    if scores.shape[1] > 2 * k:
-        part = xp.argpartition(-scores, k - 1, axis=1)[:, :k]
-        scores, idx = xp.take_along_axis(scores, part, 1), xp.take_along_axis(idx, part, 1)
-    order = xp.argsort(idx, axis=1)  # index order first, then a stable sort by score
-    scores, idx = xp.take_along_axis(scores, order, 1), xp.take_along_axis(idx, order, 1)
-    order = xp.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return xp.take_along_axis(scores, order, 1), xp.take_along_axis(idx, order, 1)
+    return _sort_desc(*_largest(scores, idx, k))
+
+
+def _largest(scores: Any, idx: Any, k: int) -> tuple[Any, Any]:
+    """Per row the ``k`` largest scores in no particular order (``argpartition``; a tie
+    exactly at the k-th place is broken arbitrarily: real-valued scores do not tie)."""
+    xp = get_array_module(scores)
+    if scores.shape[1] <= k:
+        return scores, idx
+    part = xp.argpartition(-scores, k - 1, axis=1)[:, :k]
+    return xp.take_along_axis(scores, part, 1), xp.take_along_axis(idx, part, 1)
+
+
+def _fold_top_k(top_s: Any, top_i: Any, scores: Any, offset: int) -> tuple[Any, Any]:
+    """The ``k`` largest of the kept ``(top_s, top_i)`` (unordered, ``-inf`` when unfilled)
+    and a batch of ``scores`` at indices ``offset ..``: only the batch's entries above a row's
+    current k-th best can enter, so at most the largest ``c`` of the batch are gathered,
+    ``c`` the most entries above it in any row (few, once the first batches have passed)."""
+    xp = get_array_module(scores)
+    n, b = scores.shape
+    k = top_s.shape[1]
+    c = int(xp.max(xp.sum(scores > xp.min(top_s, axis=1)[:, None], axis=1))) if n else 0
+    if c == 0:
+        return top_s, top_i
+    idx = xp.broadcast_to(xp.arange(offset, offset + b, dtype=np.int64), (n, b))
+    cand_s, cand_i = _largest(scores, idx, c)
+    return _largest(xp.concatenate([top_s, cand_s], axis=1),
+                    xp.concatenate([top_i, cand_i], axis=1), k)
 
 
 @dataclass
@@ -310,7 +336,8 @@ class PosteriorState:
     Attributes (all ``(n, ...)`` on the images' array module)
     ----------
     beta : float
-    top_scores : (n, k) float64, ``L`` of the best ``k`` so far (``-inf`` when unfilled)
+    top_scores : (n, k) float64, ``L`` of the best ``k`` so far (``-inf`` when unfilled;
+        unordered while streaming when ``k > 1``, sorted by :meth:`finalize`)
     top_index : (n, k) int64
     run_max : (n,) float64, running max of ``beta L``
     run_sum : (n,) float64, ``sum_j exp(t_j)``, ``t_j = beta L_kj - run_max``
@@ -360,10 +387,14 @@ class PosteriorState:
         self.run_s[rows] = c * self.run_s[rows] + e @ slice_sums
         self.run_max[rows] = m_new
         n, b = scores.shape
-        idx = xp.broadcast_to(xp.arange(offset, offset + b, dtype=np.int64), (n, b))
         k = self.top_scores.shape[1]
-        top_s, top_i = _top_k(xp.concatenate([self.top_scores[rows], scores], axis=1),
-                              xp.concatenate([self.top_index[rows], idx], axis=1), k)
+        if k == 1:  # the hard assignment: the exact tie rule, column 0 sorted
+            idx = xp.broadcast_to(xp.arange(offset, offset + b, dtype=np.int64), (n, b))
+            top_s, top_i = _top_k(xp.concatenate([self.top_scores[rows], scores], axis=1),
+                                  xp.concatenate([self.top_index[rows], idx], axis=1), 1)
+        else:  # unordered while streaming; finalize sorts once
+            top_s, top_i = _fold_top_k(self.top_scores[rows], self.top_index[rows], scores,
+                                       offset)
         self.top_scores[rows], self.top_index[rows] = top_s, top_i
         if count:
             self.n_seen += b
@@ -379,6 +410,8 @@ class PosteriorState:
         scale scoring; needs ``n_photons``).
         """
         xp = get_array_module(self.top_scores)
+        if self.top_scores.shape[1] > 1:
+            self.top_scores, self.top_index = _sort_desc(self.top_scores, self.top_index)
         log_z = self.run_max + xp.log(self.run_sum)
         p = xp.exp(self.beta * self.top_scores - log_z[:, None])  # -inf -> 0
         cum = xp.cumsum(p, axis=1)
