@@ -27,14 +27,18 @@ over ``k`` are taken before the NUFFTs, orientation by orientation::
     r = sum_j A_j^* D R_j,   R_j = sum_k P_kj (K_k - b)     (a sparse (J x n) @ (n x P) product)
     N = sum_j c_j A_j^* D A_j,   c_j = sum_k P_kj phi_k      (a scalar per orientation)
 
-and the type-1 NUFFTs run once per orientation that carries weight on this rank (the
-"active" ones, ``J_a <= min(J, n k)``), as if each were an image ``R_j`` with pixel weights
-``c_j w``. The cost is that of a hard merge of ``J_a`` images, whatever the number kept per
-image; the sparse product costs ``O(n k P)``. The result equals the per-pair sum up to
-float64 round-off (the NUFFT is linear: only the summation order changes) and is summed
-over ranks by the same Allreduce, so it does not depend on the number of ranks beyond
-round-off. Memory: ``image_batch`` orientations per NUFFT call (``image_batch * P`` points,
-as the hard merge), and the images are converted to float64 ``image_batch`` at a time.
+and the type-1 NUFFTs run once per orientation that carries weight (the "active" ones,
+``J_a <= min(J, n k)``), as if each were an image ``R_j`` with pixel weights ``c_j w``.
+With several ranks and the shared grid, each rank's ``R_j`` and ``c_j`` are reduced onto
+the rank that owns ``j`` (blocks of ``image_batch`` active orientations, round-robin), and
+only the owner runs its NUFFTs: the NUFFT work per rank is ``J_a / R``, that of a hard
+merge of ``J_a / R`` images, whatever the number kept per image; the reduction moves
+``J_a P`` float64 values per rank. The sparse product costs ``O(n k P)``. The result equals
+the per-pair sum up to float64 round-off (the NUFFT is linear: only the summation order
+changes) and is summed over ranks by the same Allreduce, so it does not depend on the
+number of ranks beyond round-off. Memory: one block of ``image_batch`` orientations per
+NUFFT call (``image_batch * P`` points, as the hard merge), and the images are converted
+to float64 ``image_batch`` at a time.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from spinifel.backend.arrays import get_array_module, to_module
 from spinifel.backend.nufft import Type1
 from spinifel.geometry.points import rotated_points
 from spinifel.merging.merge import NormalEquations, finish_normal_equations
+from spinifel.parallel.collectives import allreduce_sum, reduce_sum
 
 
 def _pairs(indices: np.ndarray, weights: np.ndarray, n_kept: np.ndarray,
@@ -135,7 +140,8 @@ def accumulate_posterior_normal_equations(
         comm: Any, images: Any, posterior: Any, grid: np.ndarray, positions: Any,
         reciprocal_extent: float, M: int, weights: Any = None, eps: float = 1e-6,
         nthreads: int = 1, image_batch: int = 1024, timings: dict | None = None,
-        cuda_aware_mpi: bool = False, background: Any = None) -> NormalEquations:
+        cuda_aware_mpi: bool = False, background: Any = None,
+        shared_grid: bool = True) -> NormalEquations:
     """Type-1 NUFFTs of this rank's posterior-aggregated data, summed over ranks.
 
     Parameters
@@ -161,6 +167,11 @@ def accumulate_posterior_normal_equations(
         Active orientations per NUFFT call, and images per float64 conversion block.
     background : array (P,) float64 or None
         Background ``b`` in photons per good pixel, subtracted from the data (None = 0).
+    shared_grid : bool
+        ``grid`` is the same on every rank (the orientation grid): each active orientation
+        is NUFFT-ed once, by one rank, after its sums are reduced onto it
+        (:func:`_nufft_owned_blocks`). False (a per-rank list such as refined orientations):
+        every rank NUFFTs its own.
 
     Returns
     -------
@@ -174,22 +185,83 @@ def accumulate_posterior_normal_equations(
     P = positions.shape[1]
     w = xp.ones(P) if weights is None else to_module(weights, xp, dtype=np.float64)
     bg = None if background is None else to_module(background, xp, dtype=np.float64)
-    active, matrix, c, mass = orientation_weights(posterior)
-    rhs = xp.zeros((M, M, M), dtype=np.complex128)
-    kern = xp.zeros((2 * M,) * 3, dtype=np.complex128)
-    plan_rhs = Type1((M,) * 3, eps, np.float64, nthreads, xp=xp)
-    plan_kern = Type1((2 * M,) * 3, eps, np.float64, nthreads, xp=xp)
-    for a in range(0, len(active), image_batch):
-        b = min(a + image_batch, len(active))
-        data = _aggregate(images, matrix[a:b], xp, image_batch)
-        if bg is not None:
-            data -= to_module(mass[a:b], xp)[:, None] * bg[None, :]
-        pts = rotated_points(grid[active[a:b]], positions, reciprocal_extent, np.float64)
-        plan_rhs.setpts(pts)
-        rhs += plan_rhs.execute((data * w).ravel())
-        plan_kern.setpts(pts)
-        kern += plan_kern.execute((to_module(c[a:b], xp)[:, None] * w[None, :]).ravel())
+    weighted = orientation_weights(posterior)
+    grids = _Type1Grids(M, eps, nthreads, xp)
+    if shared_grid and comm.Get_size() > 1:
+        _nufft_owned_blocks(comm, images, weighted, grid, positions, reciprocal_extent, w, bg,
+                            grids, image_batch, cuda_aware_mpi)
+    else:
+        active, matrix, c, mass = weighted
+        for a in range(0, len(active), image_batch):
+            b = min(a + image_batch, len(active))
+            data = _aggregate(images, matrix[a:b], xp, image_batch)
+            grids.add(data, c[a:b], mass[a:b], grid[active[a:b]], positions, reciprocal_extent,
+                      w, bg)
     data_sq = _data_norm_sq(images, posterior, w, bg, xp, image_batch)
-    scalars = np.array([float(to_module(w.sum(), np)) * float(c.sum()), data_sq])
-    return finish_normal_equations(comm, rhs, kern, scalars, t0, nthreads=nthreads,
+    scalars = np.array([float(to_module(w.sum(), np)) * float(weighted[2].sum()), data_sq])
+    return finish_normal_equations(comm, grids.rhs, grids.kern, scalars, t0, nthreads=nthreads,
                                    timings=timings, cuda_aware_mpi=cuda_aware_mpi)
+
+
+class _Type1Grids:
+    """The merge's two type-1 NUFFT sums (data onto ``M^3``, weights onto ``(2M)^3``)."""
+
+    def __init__(self, M: int, eps: float, nthreads: int, xp: Any) -> None:
+        self.xp = xp
+        self.rhs = xp.zeros((M, M, M), dtype=np.complex128)
+        self.kern = xp.zeros((2 * M,) * 3, dtype=np.complex128)
+        self.plan_rhs = Type1((M,) * 3, eps, np.float64, nthreads, xp=xp)
+        self.plan_kern = Type1((2 * M,) * 3, eps, np.float64, nthreads, xp=xp)
+
+    def add(self, data: Any, c: np.ndarray, mass: np.ndarray, quats: np.ndarray, positions: Any,
+            extent: float, w: Any, bg: Any) -> None:
+        """Add orientations ``quats`` (B, 4) with aggregated data ``R`` (B, P), kernel
+        weights ``c`` (B,) and posterior mass (B,) (the background to subtract)."""
+        xp = self.xp
+        if bg is not None:
+            data = data - to_module(mass, xp)[:, None] * bg[None, :]
+        pts = rotated_points(quats, positions, extent, np.float64)
+        self.plan_rhs.setpts(pts)
+        self.rhs += self.plan_rhs.execute((data * w).ravel())
+        self.plan_kern.setpts(pts)
+        self.kern += self.plan_kern.execute((to_module(c, xp)[:, None] * w[None, :]).ravel())
+
+
+def _nufft_owned_blocks(comm: Any, images: Any, weighted: tuple, grid: np.ndarray,
+                        positions: Any, extent: float, w: Any, bg: Any, grids: _Type1Grids,
+                        block: int, cuda_aware: bool) -> None:
+    """The NUFFTs of a grid shared by all ranks, each orientation's once (collective).
+
+    The orientations active on any rank are cut into blocks of ``block``; block ``i`` is
+    owned by rank ``i mod R``. Every rank sums its images into each block (zeros where it
+    keeps none of its orientations) and the blocks are reduced onto their owners, a round of
+    ``R`` blocks at a time, so each rank holds one block and all ranks run their NUFFTs at
+    once: the NUFFT work per rank is ``1/R`` of the active orientations instead of all of
+    them. The result equals every rank NUFFT-ing its own sums, up to round-off (the NUFFT is
+    linear).
+    """
+    active, matrix, c, mass = weighted
+    xp = grids.xp
+    size, rank = comm.Get_size(), comm.Get_rank()
+    flags = np.zeros(len(grid), dtype=np.int32)
+    flags[active] = 1
+    everywhere = np.flatnonzero(allreduce_sum(comm, flags))
+    blocks = [everywhere[a:a + block] for a in range(0, len(everywhere), block)]
+    for first in range(0, len(blocks), size):
+        mine = None
+        for owner, orient in enumerate(blocks[first:first + size]):
+            pos = np.minimum(np.searchsorted(active, orient), max(len(active) - 1, 0))
+            here = (active[pos] == orient) if len(active) else np.zeros(len(orient), bool)
+            local = xp.zeros((len(orient), images.shape[1]), dtype=np.float64)
+            scalars = np.zeros((2, len(orient)))
+            if here.any():
+                local[to_module(np.flatnonzero(here), xp)] = _aggregate(
+                    images, matrix[pos[here]], xp, block)
+                scalars[:, here] = c[pos[here]], mass[pos[here]]
+            data = reduce_sum(comm, local, owner, cuda_aware)
+            summed = reduce_sum(comm, scalars, owner)
+            if owner == rank:
+                mine = (orient, data, summed)
+        if mine is not None:
+            orient, data, summed = mine
+            grids.add(data, summed[0], summed[1], grid[orient], positions, extent, w, bg)

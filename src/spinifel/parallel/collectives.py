@@ -55,6 +55,35 @@ def allreduce_sum(comm: Any, array: Any, cuda_aware: bool = False) -> Any:
     return array
 
 
+def reduce_sum(comm: Any, array: Any, root: int, cuda_aware: bool = False) -> Any:
+    """Sum a contiguous array over all ranks onto ``root`` (MPI Reduce); returns the sum on
+    ``root`` and None elsewhere. ``array`` is not modified.
+
+    Parameters
+    ----------
+    array : numpy or cupy array, C-contiguous, the same shape and dtype on every rank.
+    cuda_aware : bool
+        Device arrays only: reduce the device buffers themselves rather than host copies.
+    """
+    if not array.flags.c_contiguous:
+        raise ValueError("reduce_sum needs a C-contiguous array")
+    if comm.Get_size() == 1:
+        return array.copy()
+    from mpi4py import MPI
+
+    is_root = comm.Get_rank() == root
+    xp = get_array_module(array)
+    if _is_cupy_array(array) and cuda_aware:
+        out = xp.empty_like(array) if is_root else None
+        _sync(array)
+        comm.Reduce(array, out, op=MPI.SUM, root=root)
+        return out
+    host = np.ascontiguousarray(to_host(array))
+    out = np.empty_like(host) if is_root else None
+    comm.Reduce(host, out, op=MPI.SUM, root=root)
+    return None if out is None else to_module(out, xp)
+
+
 def bcast_array(comm: Any, array: Any, root: int = 0, cuda_aware: bool = False,
                 xp: Any = None) -> Any:
     """Broadcast an array from ``root`` (shape and dtype travel too); returns the array.

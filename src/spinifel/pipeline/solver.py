@@ -500,7 +500,8 @@ class MTIPSolver:
                 self.comm, images, post if rows is None else posterior_rows(post, rows),
                 p.grid if assignment.posterior_grid is None else assignment.posterior_grid,
                 p.d_positions, p.extent, a.M, None, a.nufft_eps_merge, threads, p.image_batch,
-                timings, cuda_aware, background=bg)
+                timings, cuda_aware, background=bg,
+                shared_grid=assignment.posterior_grid is None)
 
         half_eqs = None
         if p.cv_rows is None:
