@@ -116,6 +116,24 @@ def test_streaming_equals_unbatched(rng, batch, image_batch):
         assert np.allclose(getattr(got, f), getattr(ref, f), rtol=1e-9, atol=1e-12), f
 
 
+@pytest.mark.parametrize("beta,mass", [(0.05, 0.99), (1.0, 0.999), (1.0, 0.9)])
+def test_pruning_never_changes_the_posterior(rng, beta, mass):
+    """Catches the pruning of improbable scores (``n_orientations`` given) dropping an
+    orientation that the posterior keeps, or shifting the running sums: with and without
+    it the posteriors are identical, while it does prune (counted through the top-k)."""
+    images, slices = _problem(rng, n=40, J=200, P=80, photons=20.0)
+    images, slices = images.astype(np.float64), slices.astype(np.float64)
+    kw = {"beta": beta, "max_kept": 32, "posterior_mass": mass, "fit_scale": True}
+    ref = score_orientations(images, _batches(slices, 16), **kw)
+    got = score_orientations(images, _batches(slices, 16), n_orientations=200, **kw)
+    for f in ("indices", "n_kept", "weights", "entropy", "expected_slice_sum", "dropped_mass",
+              "log_likelihood"):
+        assert np.array_equal(getattr(got, f), getattr(ref, f)), f
+    # at beta 1 most orientations are below the pruning bar: the filter is exercised
+    st = PosteriorState.empty(40, 32, 1.0, posterior_mass=0.999, n_orientations=200)
+    assert np.isfinite(st.log_never_kept)
+
+
 def test_sparsification_keeps_smallest_set_reaching_mass(rng):
     """Catches an off-by-one in the kept count, a wrong renormalisation or dropped mass."""
     n, J, k, mass = 50, 30, 8, 0.9

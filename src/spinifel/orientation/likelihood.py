@@ -105,12 +105,12 @@ def poisson_scores(images: Any, log_w: Any, slice_sums: Any, *, fluence: Any = N
         The GEMM ``K log W^T`` (accumulated in the images' dtype) minus the fluence term.
     """
     xp = get_array_module(images, log_w)
-    out = (images @ log_w.T).astype(np.float64)  # (n, B) GEMM, dominates the cost
+    gemm = images @ log_w.T  # (n, B) GEMM, dominates the cost
     if fit_scale:
-        out -= xp.asarray(n_photons)[:, None] * xp.log(slice_sums)[None, :]
+        term = xp.asarray(n_photons)[:, None] * xp.log(slice_sums)[None, :]
     else:
-        out -= xp.asarray(fluence)[:, None] * slice_sums[None, :]
-    return out
+        term = xp.asarray(fluence)[:, None] * slice_sums[None, :]
+    return xp.subtract(gemm, term, dtype=np.float64)  # one pass, promoted to float64
 
 
 def candidate_log_likelihood(images: Any, slices: Any, n_per_image: int, *,
@@ -312,19 +312,24 @@ def _largest(scores: Any, idx: Any, k: int) -> tuple[Any, Any]:
     return xp.take_along_axis(scores, part, 1), xp.take_along_axis(idx, part, 1)
 
 
-def _fold_top_k(top_s: Any, top_i: Any, scores: Any, offset: int) -> tuple[Any, Any]:
+def _fold_top_k(top_s: Any, top_i: Any, scores: Any, offset: int,
+                floor: Any = None) -> tuple[Any, Any]:
     """The ``k`` largest of the kept ``(top_s, top_i)`` (unordered, ``-inf`` when unfilled)
     and a batch of ``scores`` at indices ``offset ..``: only the batch's entries above a row's
-    current k-th best can enter, so at most the largest ``c`` of the batch are gathered,
-    ``c`` the most entries above it in any row (few, once the first batches have passed)."""
+    current k-th best (and above ``floor`` (n,), scores that can never be kept) can enter, so
+    at most the largest ``c`` of the batch are gathered, ``c`` the most entries above it in
+    any row (few, once the first batches have passed or once beta is large)."""
     xp = get_array_module(scores)
     n, b = scores.shape
     k = top_s.shape[1]
-    c = int(xp.max(xp.sum(scores > xp.min(top_s, axis=1)[:, None], axis=1))) if n else 0
+    bar = xp.min(top_s, axis=1)
+    if floor is not None:
+        bar = xp.maximum(bar, floor)
+    c = int(xp.max(xp.sum(scores > bar[:, None], axis=1))) if n else 0
     if c == 0:
         return top_s, top_i
     idx = xp.broadcast_to(xp.arange(offset, offset + b, dtype=np.int64), (n, b))
-    cand_s, cand_i = _largest(scores, idx, c)
+    cand_s, cand_i = _largest(scores, idx, c) if 2 * c < b else (scores, idx)
     return _largest(xp.concatenate([top_s, cand_s], axis=1),
                     xp.concatenate([top_i, cand_i], axis=1), k)
 
@@ -344,6 +349,11 @@ class PosteriorState:
     run_t : (n,) float64, ``sum_j exp(t_j) t_j`` (entropy)
     run_s : (n,) float64, ``sum_j exp(t_j) S_j`` (expected slice sum)
     n_seen : int, orientations folded in; slice_sum_total : float, ``sum_j S_j``
+    log_never_kept : float, ``log((1 - posterior_mass) / J)`` for ``J`` orientations in all
+        (``-inf``: no pruning). An orientation whose probability is below
+        ``(1 - posterior_mass) / J`` is never kept by :meth:`finalize` (all such ones together
+        hold less than ``1 - posterior_mass``), and ``beta L - run_max`` below this log
+        implies that, since ``log Z >= run_max``; such scores skip the top-k bookkeeping.
     """
 
     beta: float
@@ -355,15 +365,21 @@ class PosteriorState:
     run_s: Any
     n_seen: int = 0
     slice_sum_total: float = 0.0
+    log_never_kept: float = -np.inf
 
     @classmethod
-    def empty(cls, n_images: int, max_kept: int, beta: float, xp: Any = np) -> PosteriorState:
+    def empty(cls, n_images: int, max_kept: int, beta: float, xp: Any = np,
+              posterior_mass: float = 1.0, n_orientations: int = 0) -> PosteriorState:
+        """A state before any batch; with ``n_orientations`` (the ``J`` that will stream by)
+        and ``posterior_mass < 1``, scores that :meth:`finalize` can never keep are pruned."""
         if max_kept < 1 or not beta > 0:
             raise ValueError(f"need max_kept >= 1 and beta > 0, got {max_kept}, {beta}")
+        prune = (math.log((1.0 - posterior_mass) / n_orientations)
+                 if n_orientations > 0 and posterior_mass < 1 else -np.inf)
         return cls(float(beta), xp.full((n_images, max_kept), -np.inf),
                    xp.full((n_images, max_kept), -1, dtype=np.int64),
                    xp.full(n_images, -np.inf), xp.zeros(n_images), xp.zeros(n_images),
-                   xp.zeros(n_images))
+                   xp.zeros(n_images), log_never_kept=prune)
 
     def update(self, scores: Any, offset: int, slice_sums: Any, rows: slice = slice(None),
                count: bool = True) -> None:
@@ -393,8 +409,10 @@ class PosteriorState:
             top_s, top_i = _top_k(xp.concatenate([self.top_scores[rows], scores], axis=1),
                                   xp.concatenate([self.top_index[rows], idx], axis=1), 1)
         else:  # unordered while streaming; finalize sorts once
+            floor = (None if not np.isfinite(self.log_never_kept)
+                     else (m_new + self.log_never_kept) / self.beta)
             top_s, top_i = _fold_top_k(self.top_scores[rows], self.top_index[rows], scores,
-                                       offset)
+                                       offset, floor)
         self.top_scores[rows], self.top_index[rows] = top_s, top_i
         if count:
             self.n_seen += b
@@ -438,7 +456,8 @@ class PosteriorState:
 def score_orientations(images: Any, slice_batches: Iterable[tuple[int, Any]], *, beta: float,
                        max_kept: int, posterior_mass: float, fluence: Any = None,
                        fit_scale: bool = False, floor_rel: float = DEFAULT_FLOOR_REL,
-                       image_batch: int = 4096, background_per_fluence: Any = None) -> Posterior:
+                       image_batch: int = 4096, background_per_fluence: Any = None,
+                       n_orientations: int = 0) -> Posterior:
     """Orientation posterior of every local image over a stream of model-slice batches.
 
     Parameters
@@ -463,6 +482,10 @@ def score_orientations(images: Any, slice_batches: Iterable[tuple[int, Any]], *,
         ``b / phi_ref`` (:func:`spinifel.orientation.background.background_per_fluence`),
         added to every slice before the log: the score of the model with background
         (derivation in :mod:`spinifel.orientation.background`). None = no background.
+    n_orientations : int
+        The number of orientations the batches hold in all (0 = unknown). When given,
+        scores too improbable to be kept skip the top-k bookkeeping (same result, faster at
+        large beta; :class:`PosteriorState`).
 
     Returns
     -------
@@ -476,7 +499,7 @@ def score_orientations(images: Any, slice_batches: Iterable[tuple[int, Any]], *,
         raise ValueError("fluence is required unless fit_scale")
     n_photons = xp.sum(images, axis=1, dtype=np.float64)
     phi = None if fit_scale else xp.asarray(fluence, dtype=np.float64)
-    state = PosteriorState.empty(n, max_kept, beta, xp)
+    state = PosteriorState.empty(n, max_kept, beta, xp, posterior_mass, n_orientations)
     slice_total = xp.zeros(images.shape[1])
     bg = None if background_per_fluence is None else xp.asarray(background_per_fluence)
     for offset, slices in slice_batches:

@@ -336,7 +336,8 @@ class MTIPSolver:
         post = score_orientations(images, _timed_batches(slicer, p.grid, p.orientation_batch,
                                                          timings),
                                   fluence=fluence, image_batch=p.image_batch,
-                                  background_per_fluence=bg, **settings)
+                                  background_per_fluence=bg, n_orientations=len(p.grid),
+                                  **settings)
         n_photons = p.xp.sum(images, axis=1, dtype=np.float64)
         post.fluence = update_fluence(n_photons, post.expected_slice_sum)
         timings["matching"] = (timings.get("matching", 0.0) + time.perf_counter() - t
