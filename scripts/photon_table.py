@@ -3,7 +3,7 @@
 
 Usage::
 
-    python scripts/photon_table.py docs/data/photon [--update docs/results.md]
+    python scripts/photon_table.py docs/data/photon [--update docs/results.md] [--block NAME]
 
 Each subfolder of the given folder holds one run's ``metrics.json`` (written by
 ``spinifel-mpi run``) and its resolved ``config.toml`` (the ``config`` attribute of its
@@ -31,6 +31,11 @@ def _res(ev: dict, key: str) -> str:
     return f"{v:.1f} A"
 
 
+def _f(v, fmt: str) -> str:
+    """``v`` formatted, or "n/a" when the run did not record it (None or NaN)."""
+    return "n/a" if v is None or v != v else format(v, fmt)
+
+
 def row(run: Path) -> str:
     m = json.loads((run / "metrics.json").read_text())
     cfg = tomllib.loads((run / "config.toml").read_text())
@@ -43,10 +48,10 @@ def row(run: Path) -> str:
     return (f"| `{run.name}` | {Path(cfg['data']['path']).name} | {m['n_images']} | "
             f"{a.get('score', 'euclidean')} | {a.get('beta_start', '')} | "
             f"{a.get('orientations_per_image', '')} | {len(gens)}/{m['n_generations']} | "
-            f"{ev.get('density_correlation', float('nan')):.3f} | {_res(ev, '0p5')} | "
-            f"{_res(ev, '0p143')} | {oe.get('median', float('nan')):.1f} | "
-            f"{oe.get('p90', float('nan')):.1f} | {m['grid_spacing_deg']:.1f} | "
-            f"{last.get('orientation_change', float('nan')):.3f} | {seconds / 60:.0f} |")
+            f"{_f(ev.get('density_correlation'), '.3f')} | {_res(ev, '0p5')} | "
+            f"{_res(ev, '0p143')} | {_f(oe.get('median'), '.1f')} | "
+            f"{_f(oe.get('p90'), '.1f')} | {_f(m.get('grid_spacing_deg'), '.1f')} | "
+            f"{_f(last.get('orientation_change'), '.3f')} | {seconds / 60:.0f} |")
 
 
 HEADER = ("| run | data | images | score | beta_start | kept cap | generations | density CC | "
@@ -60,16 +65,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("folder", type=Path)
     p.add_argument("--update", type=Path, nargs="*", default=[])
+    p.add_argument("--block", default="photon",
+                   help="marker name: the table replaces <!-- results:NAME --> .. <!-- /results:NAME -->")
     args = p.parse_args(argv)
+    begin, end = f"<!-- results:{args.block} -->", f"<!-- /results:{args.block} -->"
     runs = sorted(d for d in args.folder.iterdir() if (d / "metrics.json").is_file())
     text = HEADER + "\n" + "\n".join(row(r) for r in runs)
     for path in args.update:
         doc = path.read_text()
-        pat = re.compile(r"<!-- results:photon -->.*?<!-- /results:photon -->", re.S)
+        pat = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
         if not pat.search(doc):
-            raise SystemExit(f"{path}: no <!-- results:photon --> markers")
-        path.write_text(pat.sub(lambda _: f"<!-- results:photon -->\n{text}\n"
-                                          "<!-- /results:photon -->", doc, count=1))
+            raise SystemExit(f"{path}: no {begin} markers")
+        path.write_text(pat.sub(lambda _: f"{begin}\n{text}\n{end}", doc, count=1))
     print(text)
     return 0
 
