@@ -24,6 +24,9 @@ def test_bench_small_case(tmp_path, capsys):
         assert r[stage]["seconds"] > 0 and r[stage]["limit_seconds"] > 0
         assert r[stage]["fraction_of_limit"] > 0
     assert r["matching"]["unit"] == "GFLOP/s"
+    me = r["merge_eps"]
+    assert me["eps"] == [1e-6, 1e-4] and all(t > 0 for t in me["eps_seconds"])
+    assert me["speedup_vs_first"][0] == 1.0
     # the Poisson path: likelihood against its GEMMs, the probabilistic merge per kept count
     assert "likelihood" in text and r["likelihood"]["limit_seconds"] > 0
     for k in (1, 8, 64):

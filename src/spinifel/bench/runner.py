@@ -149,6 +149,24 @@ def _phasing_bench(ac: np.ndarray, M: int, threads: int, fft_pair_2m: float) -> 
     return out
 
 
+def merge_eps_bench(comm: Any, images: np.ndarray, quats: np.ndarray, pos: np.ndarray,
+                    extent: float, M: int, threads: int, eps_values=(1e-6, 1e-4),
+                    repeat: int = 3) -> dict:
+    """The merge's NUFFT seconds at several ``nufft_eps_merge`` (collective): the best of
+    ``repeat`` interleaved runs each, and the ratio of the first eps's time to each other's."""
+    best = {e: float("inf") for e in eps_values}
+    for _ in range(repeat):
+        for e in eps_values:
+            t: dict = {}
+            accumulate_normal_equations(comm, images, quats, pos, extent, M, None, e, threads,
+                                        1024, t)
+            best[e] = min(best[e], t["merge_nufft"])
+    ref = best[eps_values[0]]
+    return {"seconds": best[eps_values[-1]], "limit_seconds": None,
+            "eps": [float(e) for e in eps_values], "eps_seconds": [best[e] for e in eps_values],
+            "speedup_vs_first": [ref / best[e] for e in eps_values]}
+
+
 def run_bench(comm: Any, *, images_per_rank: int, n_pixels: int, M: int, n_orientations: int,
               precision: str = "single", threads: int = 1, orientation_batch: int = 500,
               seed: int = 0, search: dict | None = None, compare: bool = False) -> dict:
@@ -233,6 +251,8 @@ def run_bench(comm: Any, *, images_per_rank: int, n_pixels: int, M: int, n_orien
                           "rate": 2 * mpts.shape[1] / timings["merge_nufft"], "unit": "points/s"}
     out["merge_allreduce"] = {"seconds": timings["merge_allreduce"], "limit_seconds": None,
                               "bytes": 8 * ((2 * M) ** 3 + M ** 3 + 2)}
+
+    out["merge_eps"] = merge_eps_bench(comm, images, quats, pos, extent, M, threads)
 
     # the Poisson path: likelihood score vs its GEMMs; probabilistic merge vs the hard one
     from spinifel.bench.poisson import likelihood_bench, merge_bench, photon_images
