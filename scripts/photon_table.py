@@ -46,19 +46,21 @@ def row(run: Path) -> str:
     oe = ev.get("orientation_error_deg") or {}
     seconds = sum(sum(v for v in g["timings"].values() if v) for g in gens)
     return (f"| `{run.name}` | {Path(cfg['data']['path']).name} | {m['n_images']} | "
-            f"{a.get('score', 'euclidean')} | {a.get('beta_start', '')} | "
-            f"{a.get('orientations_per_image', '')} | {len(gens)}/{m['n_generations']} | "
+            f"{a.get('score', 'euclidean')} | {a.get('M')} | {a.get('beta_start', '')} | "
+            f"{a.get('orientations_per_image', '')} | {a.get('refine_rounds', '')} | "
+            f"{','.join(f'{x:g}' for x in a.get('lambdas', []))} | "
+            f"{a.get('background', 'none')} | {len(gens)}/{m['n_generations']} | "
             f"{_f(ev.get('density_correlation'), '.3f')} | {_res(ev, '0p5')} | "
             f"{_res(ev, '0p143')} | {_f(oe.get('median'), '.1f')} | "
             f"{_f(oe.get('p90'), '.1f')} | {_f(m.get('grid_spacing_deg'), '.1f')} | "
             f"{_f(last.get('orientation_change'), '.3f')} | {seconds / 60:.0f} |")
 
 
-HEADER = ("| run | data | images | score | beta_start | kept cap | generations | density CC | "
+HEADER = ("| run | data | images | score | M | beta_start | kept cap | refine rounds | lambdas | "
+          "background | generations | density CC | "
           "FSC 0.5 | FSC 0.143 | median error (deg) | p90 (deg) | grid spacing (deg) | "
           "orientation change, last generation | stage minutes (sum) |\n"
-          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
-          "| --- |")
+          "|" + " --- |" * 19)
 
 
 def main(argv: list[str] | None = None) -> int:
