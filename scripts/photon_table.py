@@ -67,11 +67,14 @@ def row(run: Path) -> str:
     ev = last.get("evaluation") or {}
     oe = ev.get("orientation_error_deg") or {}
     seconds = sum(sum(v for v in g["timings"].values() if v) for g in gens)
+    bg = (last.get("posterior") or {}).get("background_photons_per_pixel")
     return (f"| `{run.name}` | {Path(cfg['data']['path']).name} | {m['n_images']} | "
             f"{a.get('score', 'euclidean')} | {a.get('M')} | {a.get('beta_start', '')} | "
             f"{a.get('orientations_per_image', '')} | {a.get('refine_rounds', '')} | "
             f"{','.join(f'{x:g}' for x in a.get('lambdas', []))} | "
-            f"{a.get('background', 'none')} | {len(gens)}/{m['n_generations']} | "
+            f"{a.get('background', 'none')}"
+            f"{'' if bg is None else f' (estimated {bg:.3f} photons/pixel)'} | "
+            f"{len(gens)}/{m['n_generations']} | "
             f"{_f(ev.get('density_correlation'), '.3f')} | {_res(ev, '0p5')} | "
             f"{_res(ev, '0p143')} | {_f(oe.get('median'), '.1f')} | "
             f"{_f(oe.get('p90'), '.1f')} | {_f(m.get('grid_spacing_deg'), '.1f')} | "
