@@ -94,6 +94,8 @@ class AlgorithmConfig:
     matching_mode: str
     match_transform: str
     search: str
+    polar_n_psi: int
+    polar_candidates: int
     coarse_n_orientations: int
     coarse_resolution: float
     coarse_candidates: int
@@ -150,8 +152,16 @@ class AlgorithmConfig:
                f"must be 'replicated' or 'distributed', got {self.matching_mode!r}")
         _check(self.match_transform in ("none", "sqrt"), a + "match_transform",
                f"must be 'none' or 'sqrt', got {self.match_transform!r}")
-        _check(self.search in ("exhaustive", "coarse_to_fine"), a + "search",
-               f"must be 'exhaustive' or 'coarse_to_fine', got {self.search!r}")
+        _check(self.search in ("exhaustive", "coarse_to_fine", "polar"), a + "search",
+               f"must be 'exhaustive', 'coarse_to_fine' or 'polar', got {self.search!r}")
+        _check(self.polar_n_psi == 0 or 4 <= self.polar_n_psi <= self.n_orientations // 2,
+               a + "polar_n_psi", "must be 0 (auto) or in [4, n_orientations / 2 = "
+               f"{self.n_orientations // 2}], got {self.polar_n_psi}")
+        _check(1 <= self.polar_candidates <= 64, a + "polar_candidates",
+               f"must be in [1, 64], got {self.polar_candidates}")
+        _check(not (self.search == "polar" and self.matching_mode == "distributed"),
+               a + "search", "'polar' is not available with matching_mode = 'distributed'; "
+               "use matching_mode = 'replicated' (polar slicing is n_psi times cheaper)")
         _check(self.coarse_n_orientations == 0
                or 10 <= self.coarse_n_orientations <= self.n_orientations // 2,
                a + "coarse_n_orientations", "must be 0 (auto) or in [10, n_orientations / 2 = "
@@ -230,7 +240,7 @@ class AlgorithmConfig:
             # Refinement and the coarse-to-fine search rank orientations by the Euclidean
             # distance; scoring them with the likelihood is not implemented (issue 13, item 8).
             _check(self.search == "exhaustive", a + "search",
-                   "'coarse_to_fine' is not available with algorithm.score = 'poisson'; "
+                   f"'{self.search}' is not available with algorithm.score = 'poisson'; "
                    "use 'exhaustive'")
             _check(self.refine_rounds == 0 or self.refine_generations == 0, a + "refine_rounds",
                    "local refinement is not available with algorithm.score = 'poisson'; set "

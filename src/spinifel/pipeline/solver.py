@@ -422,9 +422,37 @@ class MTIPSolver:
             log.info("coarse-to-fine search: %d distance evaluations, %.1fx fewer than "
                      "exhaustive", c2f.evaluations, c2f.reduction)
             return match
+        if a.search == "polar":
+            return self._match_polar(images, model_ac, positions, slicer)
         return match_orientations(images, _timed_batches(slicer, p.grid, p.orientation_batch,
                                                          timings),
                                   a.scale_per_image, p.image_batch, a.match_transform)
+
+    def _match_polar(self, images: Any, model_ac: np.ndarray, positions: Any, slicer: Slicer):
+        """``algorithm.search = "polar"``: every in-plane angle of each beam direction by
+        FFT (:mod:`spinifel.orientation.polar`), on the host; each image's best
+        ``polar_candidates`` are rescored with ``slicer`` (counted as matching). Direction
+        batches hold about as many model values as ``orientation_batch`` ordinary slices."""
+        from spinifel.orientation.polar import (
+            PolarSlicer,
+            direction_quaternions,
+            fibonacci_directions,
+            make_polar_grid,
+            match_polar,
+        )
+
+        p, a = self.problem, self.cfg.algorithm
+        n_dir, n_psi = p.polar_sizes
+        pos = to_host(positions)
+        with StageTimer(self.timings, "slicing"):
+            pg = make_polar_grid(pos, n_psi)
+            polar = PolarSlicer(model_ac, pg, p.extent, a.nufft_eps_slicing, p.real,
+                                self.cfg.runtime.threads_per_rank)
+        dirs = direction_quaternions(fibonacci_directions(n_dir))
+        batch = max(1, min(n_dir, p.orientation_batch * pos.shape[1] // pg.n_points))
+        return match_polar(to_host(images), pg, _timed_batches(polar, dirs, batch, self.timings),
+                           a.scale_per_image, a.match_transform, min(p.image_batch, 512),
+                           p.real, a.polar_candidates, (p.grid, slicer))
 
     def merge(self, assignment: Assignment) -> Merged:
         """Normal equations of the local images at ``assignment``'s orientations, summed
@@ -573,8 +601,9 @@ class MTIPSolver:
         return report
 
 
-def _timed_batches(slicer: Slicer, grid: np.ndarray, batch: int, timings: dict):
-    """Slice batches for matching, accumulating the slicing time separately."""
+def _timed_batches(slicer: Any, grid: np.ndarray, batch: int, timings: dict):
+    """Slice batches for matching, accumulating the slicing time separately (``slicer``: a
+    :class:`Slicer` and orientations, or a ``PolarSlicer`` and beam directions)."""
     for start in range(0, len(grid), batch):
         with StageTimer(timings, "slicing"):
             s = slicer.slices(grid[start:start + batch])
