@@ -270,31 +270,45 @@ def _gram_maps(mat, n_rings: int, n_angles: int) -> tuple:
     return tuple(out)
 
 
+def _ladder(n: int) -> int:
+    """Smallest of 8, 12, 16, 24, 32, 48, ... (``2^a`` and ``3 * 2^a``) that is ``>= n``."""
+    m = 8
+    while m < n:
+        m = m * 3 // 2 if m & (m - 1) == 0 else m * 4 // 3
+    return m
+
+
 def _annulus_groups(radii: np.ndarray, h: float, n_psi: int, angle_oversample: float,
-                    n_angles: int) -> list[tuple[int, int, int]]:
+                    n_angles: int, exact_shifts: bool) -> list[tuple[int, int, int]]:
     """``(first ring, last ring, n_angles)`` of each annulus (last ring shared with the next).
 
-    Ring ``k`` needs ``2 pi r_k / n_angles <= h / angle_oversample``; rings needing the same
-    (FFT-friendly) multiple of ``n_psi`` form one annulus. ``n_angles > 0``: one annulus.
+    Ring ``k`` needs ``2 pi r_k / n_angles <= h / angle_oversample``. With
+    ``exact_shifts`` the counts are FFT-friendly multiples of ``n_psi``; otherwise they come
+    from the ladder 8, 12, 16, 24, 32, ... (:func:`_ladder`; fewer points near the beam).
+    Rings with the same count form one annulus. ``n_angles > 0``: one annulus.
     """
     n = len(radii)
     if n_angles > 0:
         return [(0, n - 1, max(int(np.ceil(n_angles / n_psi)), 1) * n_psi)]
-    need = np.ceil(2.0 * np.pi * radii * angle_oversample / (h * n_psi)).astype(np.int64)
-    mult = np.maximum.accumulate(np.array([smooth_size(int(x)) for x in need]))
+    need = 2.0 * np.pi * radii * angle_oversample / h
+    if exact_shifts:
+        sizes = [smooth_size(int(np.ceil(x / n_psi))) * n_psi for x in need]
+    else:
+        sizes = [_ladder(int(np.ceil(x))) for x in need]
+    size = np.maximum.accumulate(np.array(sizes, dtype=np.int64))
     groups = []
     start = 0
     for k in range(1, n):
-        if mult[k] != mult[start] and k < n - 1:
-            groups.append((start, k, int(mult[k - 1]) * n_psi))
+        if size[k] != size[start] and k < n - 1:
+            groups.append((start, k, int(size[k - 1])))
             start = k
-    groups.append((start, n - 1, int(mult[-1]) * n_psi))
+    groups.append((start, n - 1, int(size[-1])))
     return groups
 
 
 def make_polar_grid(positions: np.ndarray, n_psi: int, n_rings: int = 0, n_angles: int = 0,
                     interpolation: str = "linear", ring_oversample: float = 1.0,
-                    angle_oversample: float = 0.5) -> PolarGrid:
+                    angle_oversample: float = 0.5, exact_shifts: bool = True) -> PolarGrid:
     """Polar sampling of the pixels at ``positions``.
 
     Parameters
@@ -309,9 +323,9 @@ def make_polar_grid(positions: np.ndarray, n_psi: int, n_rings: int = 0, n_angle
         ring_oversample`` apart with ``h`` the pixel size at the outer radius
         (:func:`pixel_spacing`).
     n_angles : int
-        0 = auto: each ring's azimuths at most ``h / angle_oversample`` apart, rounded up
-        to a multiple of ``n_psi`` (annuli of rings with the same count). > 0: every ring
-        gets this many (rounded up to a multiple of ``n_psi``).
+        0 = auto: each ring's azimuths at most ``h / angle_oversample`` apart (annuli of
+        rings with the same count, :func:`_annulus_groups`). > 0: every ring gets this many
+        (rounded up to a multiple of ``n_psi``).
     interpolation : {"linear", "nearest"}
         How a pixel reads the polar slice: bilinear in ``(|s|, phi)`` between its 4
         surrounding bin centres (Euclidean score: the cross term is exactly that of the
@@ -324,6 +338,14 @@ def make_polar_grid(positions: np.ndarray, n_psi: int, n_rings: int = 0, n_angle
         x 25 angles, 400 noisy images: polar score alone 96.8% the same orientation as
         exhaustive search, after rescoring 100%; with half-pixel rings and pixel-sized
         azimuths, 3.7x the points, 98.0% and 100%).
+    exact_shifts : bool
+        True (default): every annulus's azimuth count is a multiple of ``n_psi``, so each
+        in-plane angle is a whole number of bins and the polar score is exactly the
+        distance to the slice interpolated at the pixels. False: counts from a ladder
+        8, 12, 16, 24, ...; the score between bins is the trigonometric interpolation of
+        the per-ring correlations. Measured: False saved 20% of the points at 128 x 128
+        pixels and 160 angles, and none at 64 x 64, and agreed less often with exhaustive
+        search after rescoring (98.75% vs 99.5% on 32 x 32 pixels), so it is not the default.
     """
     pos = np.asarray(to_module(positions, np), dtype=np.float64)
     s = np.linalg.norm(pos, axis=0)
@@ -333,7 +355,7 @@ def make_polar_grid(positions: np.ndarray, n_psi: int, n_rings: int = 0, n_angle
     radii = np.linspace(0.0, s_max, n_rings)
     t = s / s_max * (n_rings - 1)
     phi = np.arctan2(pos[1], pos[0]) % (2.0 * np.pi)
-    groups = _annulus_groups(radii, h, n_psi, angle_oversample, n_angles)
+    groups = _annulus_groups(radii, h, n_psi, angle_oversample, n_angles, exact_shifts)
     first = np.array([g[0] for g in groups])
     which = np.searchsorted(first, np.minimum(np.floor(t), n_rings - 2), side="right") - 1
     annuli = []
@@ -572,20 +594,42 @@ def correlate(image_spectra: list, slice_spectra: list, grid: PolarGrid) -> Any:
     return xp.ascontiguousarray(fold_to_psi(acc, grid.n_psi).transpose(1, 2, 0))
 
 
-def _batch_distances(images: PolarImages, spec: list, ysq: Any, a: int, b: int,
-                     grid: PolarGrid, scale_per_image: bool) -> tuple[Any, Any]:
-    """Distances ``(b - a, B * n_psi)`` float64 of images ``a:b`` to one batch of slices
-    (columns in grid order ``d * n_psi + m``) and the fitted scales (None without
-    ``scale_per_image``), as :func:`spinifel.orientation.matching.update_matches`."""
+def _batch_best(images: PolarImages, spec: list, ysq: Any, a: int, b: int, grid: PolarGrid,
+                scale_per_image: bool, k: int) -> tuple[Any, Any, Any]:
+    """The ``k`` nearest slices of images ``a:b`` within one batch of polar slices.
+
+    Columns are in grid order ``d * n_psi + m``. The ranking is done in the correlation's
+    precision (``||y||^2 - 2 x.y``, or ``-max(x.y, 0)^2 / ||y||^2`` with
+    ``scale_per_image``); the chosen entries' distances and scales are then evaluated in
+    float64 as :func:`spinifel.orientation.matching.update_matches` does.
+
+    Returns
+    -------
+    (column (n, k) int64, distance (n, k) float64, scale (n, k) float64)
+    """
     xp = get_array_module(ysq)
     cross = correlate([s[:, a:b] for s in images.spectra], spec, grid).reshape(b - a, -1)
+    y32 = ysq.astype(cross.dtype)
     if scale_per_image:
-        pos = xp.maximum(cross, 0).astype(np.float64)
-        ok = ysq > 0
-        den = xp.where(ok, ysq, 1)
-        gain = xp.where(ok, pos * pos / den, 0.0)
-        return images.image_sq[a:b, None] - gain, xp.where(ok, pos / den, 0.0)
-    return images.image_sq[a:b, None] + (ysq[None, :] - 2.0 * cross), None
+        inv = xp.where(y32 > 0, 1 / xp.where(y32 > 0, y32, 1), 0).astype(cross.dtype)
+        score = xp.maximum(cross, 0)
+        score *= score
+        score *= -inv
+    else:
+        score = y32[None, :] - 2 * cross
+    if k == 1:
+        col = xp.argmin(score, axis=1)[:, None]
+    else:
+        col = xp.argpartition(score, k - 1, axis=1)[:, :k]
+    rows = xp.arange(b - a)[:, None]
+    c = cross[rows, col].astype(np.float64)
+    yy = ysq[col]
+    if scale_per_image:
+        pos = xp.maximum(c, 0)
+        den = xp.where(yy > 0, yy, 1)
+        return col, images.image_sq[a:b, None] - xp.where(yy > 0, pos * pos / den, 0), \
+            xp.where(yy > 0, pos / den, 0)
+    return col, images.image_sq[a:b, None] + yy - 2 * c, xp.ones_like(c)
 
 
 def update_polar_matches(state: MatchState, images: PolarImages, slices: Any, offset: int,
@@ -597,18 +641,14 @@ def update_polar_matches(state: MatchState, images: PolarImages, slices: Any, of
     :func:`spinifel.orientation.matching.update_matches`, with the model slices
     interpolated from the polar grid; the grid index is ``d * n_psi + m``.
     """
-    xp = get_array_module(images.spectra[0])
     dtype = np.float32 if images.spectra[0].dtype == np.complex64 else np.float64
     spec, norms = slice_terms(slices, grid, transform, dtype)
     ysq = norms.reshape(-1)
     n = images.spectra[0].shape[1]
     for a in range(0, n, image_batch):
         b = min(a + image_batch, n)
-        dist, scale = _batch_distances(images, spec, ysq, a, b, grid, scale_per_image)
-        idx = xp.argmin(dist, axis=1)
-        rows = xp.arange(b - a)
-        scale = xp.ones(b - a) if scale is None else scale[rows, idx]
-        _fold(state, a, b, dist[rows, idx], idx + offset * grid.n_psi, scale)
+        col, dist, scale = _batch_best(images, spec, ysq, a, b, grid, scale_per_image, 1)
+        _fold(state, a, b, dist[:, 0], col[:, 0] + offset * grid.n_psi, scale[:, 0])
 
 
 def update_polar_top_k(top: Any, images: PolarImages, slices: Any, offset: int,
@@ -622,13 +662,13 @@ def update_polar_top_k(top: Any, images: PolarImages, slices: Any, offset: int,
     spec, norms = slice_terms(slices, grid, transform, dtype)
     ysq = norms.reshape(-1)
     k = top.index.shape[1]
-    gidx = np.arange(offset * grid.n_psi, offset * grid.n_psi + ysq.shape[0], dtype=np.int64)
     big = np.iinfo(np.int64).max
     for a in range(0, images.spectra[0].shape[1], image_batch):
         b = min(a + image_batch, images.spectra[0].shape[1])
-        dist, _ = _batch_distances(images, spec, ysq, a, b, grid, scale_per_image)
+        col, dist, _ = _batch_best(images, spec, ysq, a, b, grid, scale_per_image,
+                                   min(k, ysq.shape[0]))
         d = np.concatenate([top.dist[a:b], to_module(dist, np)], axis=1)
-        i = np.concatenate([top.index[a:b], np.broadcast_to(gidx, dist.shape)], axis=1)
+        i = np.concatenate([top.index[a:b], to_module(col, np) + offset * grid.n_psi], axis=1)
         i = np.where(np.isinf(d) & (i < 0), big, i)
         top.dist[a:b], sel = _select_k(d, i, k)
         top.index[a:b] = np.where(sel == big, -1, sel)
