@@ -765,3 +765,68 @@ def match_polar(images: Any, grid: PolarGrid, slice_batches: Iterable[tuple[int,
         update_polar_top_k(top, prepared, slices, offset, grid, scale_per_image, transform,
                            image_batch)
     return rescore(to_module(images, np), top.index, *rescore_with, scale_per_image, transform)
+
+
+def _merge_top_k(tops: list, k: int) -> Any:
+    """Per image, the ``k`` best of several :class:`TopK` of the same images."""
+    from spinifel.orientation.coarse_to_fine import TopK, _select_k
+
+    d = np.concatenate([t.dist for t in tops], axis=1)
+    i = np.concatenate([t.index for t in tops], axis=1)
+    big = np.iinfo(np.int64).max
+    dist, sel = _select_k(d, np.where(np.isinf(d) & (i < 0), big, i), k)
+    return TopK(np.where(sel == big, -1, sel), dist)
+
+
+def match_polar_distributed(comm: Any, images: np.ndarray, grid: PolarGrid, slicer: PolarSlicer,
+                            directions: np.ndarray, batch: int, scale_per_image: bool,
+                            transform: str, image_batch: int, dtype, candidates: int,
+                            rescore_with: tuple, timings: dict | None = None) -> MatchState:
+    """Polar search with the beam directions split over the ranks (collective).
+
+    Every rank prepares its images' spectra once; they are gathered on every rank (about
+    ``8 n sum_c F_c K_c`` bytes per rank), so each rank scores all images against its
+    contiguous block of directions: polar slicing and slice terms per rank fall as ``1 /
+    R``. The per-image ``candidates`` best are merged over the ranks, and each rank
+    rescores its own images exactly (:func:`rescore`). The result equals
+    :func:`match_polar` with ``rescore_with`` on one rank.
+
+    Parameters
+    ----------
+    comm : communicator
+    images : ndarray (n_local, P)
+        This rank's images (untransformed, host).
+    directions : ndarray (n_dir, 4)
+        The direction quaternions (identical on every rank).
+    timings : dict, optional
+        Adds "slicing" (polar slices of this rank's directions) and "polar_rescore".
+    """
+    import time
+
+    from spinifel.orientation.coarse_to_fine import TopK
+    from spinifel.parallel.collectives import allgather_objects
+    from spinifel.parallel.partition import block_range
+
+    rank, size = comm.Get_rank(), comm.Get_size()
+    mine = prepare_images(images, grid, transform, dtype)
+    parts = allgather_objects(comm, (mine.spectra, mine.image_sq))
+    spectra = [np.concatenate([p[0][c] for p in parts], axis=1) for c in range(len(grid.annuli))]
+    every = PolarImages(spectra, np.concatenate([p[1] for p in parts]))
+    start = sum(p[1].shape[0] for p in parts[:rank])
+    a, b = block_range(len(directions), size, rank)
+    top = TopK.empty(every.image_sq.shape[0], candidates)
+    t_slice = 0.0
+    for off in range(a, b, batch):
+        t = time.perf_counter()
+        slices = slicer.slices(directions[off:min(off + batch, b)])
+        t_slice += time.perf_counter() - t
+        update_polar_top_k(top, every, slices, off, grid, scale_per_image, transform,
+                           image_batch)
+    merged = _merge_top_k(allgather_objects(comm, top), candidates)
+    t = time.perf_counter()
+    own = merged.index[start:start + images.shape[0]]
+    state = rescore(images, own, *rescore_with, scale_per_image, transform)
+    if timings is not None:
+        timings["slicing"] = timings.get("slicing", 0.0) + t_slice
+        timings["polar_rescore"] = timings.get("polar_rescore", 0.0) + time.perf_counter() - t
+    return state
