@@ -1,5 +1,8 @@
 """Polar orientation search (in-plane rotations by FFT) against direct references."""
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -274,3 +277,56 @@ def test_polar_config_refusals(keys, named):
     with pytest.raises(ConfigError, match=named):
         load_config(None, (), {"algorithm": keys})
     assert load_config(None, (), {"algorithm": {"search": "polar"}}).algorithm.polar_n_psi == 0
+
+
+_DISTRIBUTED_SCRIPT = '''
+import sys
+import numpy as np
+from mpi4py import MPI
+sys.path.insert(0, sys.argv[2])
+from test_polar import _problem
+from spinifel.orientation.polar import *
+from spinifel.orientation.slicing import Slicer
+from spinifel.geometry.orientations import random_quaternions
+
+comm = MPI.COMM_WORLD
+ac, pos, extent = _problem()
+n_dir, n_psi = polar_sizes(1500)
+pg = make_polar_grid(pos, n_psi)
+dirs = direction_quaternions(fibonacci_directions(n_dir))
+grid = polar_orientation_grid(n_dir, n_psi)
+rng = np.random.default_rng(5)
+clean = np.maximum(Slicer(ac, pos, extent, 1e-6, np.float64).slices(random_quaternions(30, rng)), 0)
+images = rng.poisson(clean * (2000 / clean.sum(1, keepdims=True))).astype(np.float64)
+rows = [np.arange(0, 13), np.arange(13, 30)][comm.Get_rank()] if comm.Get_size() == 2 else np.arange(30)
+slicer = Slicer(ac, pos, extent, 1e-6, np.float64)
+st = match_polar_distributed(comm, images[rows], pg, PolarSlicer(ac, pg, extent, 1e-6, np.float64),
+                             dirs, 7, True, "sqrt", 8, np.float64, 3, (grid, slicer))
+res = comm.gather((st.best_index, st.best_dist), root=0)
+if comm.Get_rank() == 0:
+    np.savez(sys.argv[1], index=np.concatenate([r[0] for r in res]),
+             dist=np.concatenate([r[1] for r in res]))
+'''
+
+
+@pytest.mark.skipif(not (Path(sys.executable).parent / "mpiexec").exists(),
+                    reason="no mpiexec beside this python")
+def test_distributed_polar_equals_one_rank(tmp_path):
+    """Catches a wrong direction offset, image row offset or candidate merge when the beam
+    directions are split over 2 ranks: the result equals the one-rank search exactly."""
+    import os
+    import subprocess
+
+    script = tmp_path / "run.py"
+    script.write_text(_DISTRIBUTED_SCRIPT)
+    out = {}
+    for n in (1, 2):
+        f = tmp_path / f"np{n}.npz"
+        r = subprocess.run([str(Path(sys.executable).parent / "mpiexec"), "-n", str(n),
+                            sys.executable, str(script), str(f), str(Path(__file__).parent)],
+                           capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert r.returncode == 0, r.stderr[-2000:]
+        out[n] = np.load(f)
+    assert np.array_equal(out[1]["index"], out[2]["index"])
+    assert np.allclose(out[1]["dist"], out[2]["dist"], rtol=1e-12, atol=0)

@@ -138,10 +138,11 @@ def polar_bench(comm: Any, *, images: np.ndarray, ac: np.ndarray, pos: np.ndarra
     slicer = Slicer(ac, pos, extent, 1e-4, dtype, threads)
     polar = PolarSlicer(ac, pg, extent, 1e-4, dtype, threads)
     timings: dict = {}
+    parts: dict = {}
     barrier(comm)
     t0 = time.perf_counter()
     match_polar_distributed(comm, images, pg, polar, dirs, batch, True, "sqrt", 512, dtype,
-                            candidates, (grid, slicer), timings)
+                            candidates, (grid, slicer), timings, parts)
     total = time.perf_counter() - t0
     n_all = sum(allgather_objects(comm, len(images)))
     a, b = block_range(n_dir, size, rank)
@@ -155,9 +156,8 @@ def polar_bench(comm: Any, *, images: np.ndarray, ac: np.ndarray, pos: np.ndarra
     total += t_grid  # the grid is rebuilt every generation (the matched pixels change)
     out = {"seconds": total, "limit_seconds": sum(lim.values()), "limit_parts": lim,
            "parts": {"grid": t_grid, "slicing": timings["slicing"],
-                     "rescoring": timings["polar_rescore"],
-                     "correlation": total - t_grid - timings["slicing"]
-                     - timings["polar_rescore"]},
+                     "rescoring": parts["rescoring"],
+                     "correlation": total - t_grid - timings["slicing"] - parts["rescoring"]},
            "directions": n_dir, "n_psi": n_psi, "orientations": n_dir * n_psi,
            "polar_points": pg.n_points, "annuli": [[a.n_rings, a.n_angles] for a in pg.annuli],
            "pixels": int(pos.shape[1]), "images_all_ranks": int(n_all),

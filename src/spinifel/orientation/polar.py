@@ -781,7 +781,8 @@ def _merge_top_k(tops: list, k: int) -> Any:
 def match_polar_distributed(comm: Any, images: np.ndarray, grid: PolarGrid, slicer: PolarSlicer,
                             directions: np.ndarray, batch: int, scale_per_image: bool,
                             transform: str, image_batch: int, dtype, candidates: int,
-                            rescore_with: tuple, timings: dict | None = None) -> MatchState:
+                            rescore_with: tuple, timings: dict | None = None,
+                            parts: dict | None = None) -> MatchState:
     """Polar search with the beam directions split over the ranks (collective).
 
     Every rank prepares its images' spectra once; they are gathered on every rank (about
@@ -799,7 +800,9 @@ def match_polar_distributed(comm: Any, images: np.ndarray, grid: PolarGrid, slic
     directions : ndarray (n_dir, 4)
         The direction quaternions (identical on every rank).
     timings : dict, optional
-        Adds "slicing" (polar slices of this rank's directions) and "polar_rescore".
+        Adds "slicing" (polar slices of this rank's directions).
+    parts : dict, optional
+        Adds "rescoring" (the exact rescoring's seconds, part of the search).
     """
     import time
 
@@ -809,10 +812,10 @@ def match_polar_distributed(comm: Any, images: np.ndarray, grid: PolarGrid, slic
 
     rank, size = comm.Get_rank(), comm.Get_size()
     mine = prepare_images(images, grid, transform, dtype)
-    parts = allgather_objects(comm, (mine.spectra, mine.image_sq))
-    spectra = [np.concatenate([p[0][c] for p in parts], axis=1) for c in range(len(grid.annuli))]
-    every = PolarImages(spectra, np.concatenate([p[1] for p in parts]))
-    start = sum(p[1].shape[0] for p in parts[:rank])
+    got = allgather_objects(comm, (mine.spectra, mine.image_sq))
+    spectra = [np.concatenate([g[0][c] for g in got], axis=1) for c in range(len(grid.annuli))]
+    every = PolarImages(spectra, np.concatenate([g[1] for g in got]))
+    start = sum(g[1].shape[0] for g in got[:rank])
     a, b = block_range(len(directions), size, rank)
     top = TopK.empty(every.image_sq.shape[0], candidates)
     t_slice = 0.0
@@ -828,5 +831,6 @@ def match_polar_distributed(comm: Any, images: np.ndarray, grid: PolarGrid, slic
     state = rescore(images, own, *rescore_with, scale_per_image, transform)
     if timings is not None:
         timings["slicing"] = timings.get("slicing", 0.0) + t_slice
-        timings["polar_rescore"] = timings.get("polar_rescore", 0.0) + time.perf_counter() - t
+    if parts is not None:
+        parts["rescoring"] = parts.get("rescoring", 0.0) + time.perf_counter() - t
     return state

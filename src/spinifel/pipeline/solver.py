@@ -429,16 +429,18 @@ class MTIPSolver:
                                   a.scale_per_image, p.image_batch, a.match_transform)
 
     def _match_polar(self, images: Any, model_ac: np.ndarray, positions: Any, slicer: Slicer):
-        """``algorithm.search = "polar"``: every in-plane angle of each beam direction by
-        FFT (:mod:`spinifel.orientation.polar`), on the host; each image's best
-        ``polar_candidates`` are rescored with ``slicer`` (counted as matching). Direction
-        batches hold about as many model values as ``orientation_batch`` ordinary slices."""
+        """``algorithm.search = "polar"`` (collective): every in-plane angle of each beam
+        direction by FFT, the directions split over the ranks, each image's best
+        ``polar_candidates`` rescored with ``slicer``
+        (:func:`~spinifel.orientation.polar.match_polar_distributed`; host arrays).
+        Direction batches hold about as many model values as ``orientation_batch``
+        ordinary slices."""
         from spinifel.orientation.polar import (
             PolarSlicer,
             direction_quaternions,
             fibonacci_directions,
             make_polar_grid,
-            match_polar,
+            match_polar_distributed,
         )
 
         p, a = self.problem, self.cfg.algorithm
@@ -450,9 +452,10 @@ class MTIPSolver:
                                 self.cfg.runtime.threads_per_rank)
         dirs = direction_quaternions(fibonacci_directions(n_dir))
         batch = max(1, min(n_dir, p.orientation_batch * pos.shape[1] // pg.n_points))
-        return match_polar(to_host(images), pg, _timed_batches(polar, dirs, batch, self.timings),
-                           a.scale_per_image, a.match_transform, min(p.image_batch, 512),
-                           p.real, a.polar_candidates, (p.grid, slicer))
+        return match_polar_distributed(
+            self.comm, to_host(images), pg, polar, dirs, batch, a.scale_per_image,
+            a.match_transform, min(p.image_batch, 512), p.real, a.polar_candidates,
+            (p.grid, slicer), self.timings)
 
     def merge(self, assignment: Assignment) -> Merged:
         """Normal equations of the local images at ``assignment``'s orientations, summed
