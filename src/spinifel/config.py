@@ -239,9 +239,13 @@ class AlgorithmConfig:
         if self.score == "poisson":
             # Refinement and the coarse-to-fine search rank orientations by the Euclidean
             # distance; scoring them with the likelihood is not implemented (issue 13, item 8).
-            _check(self.search == "exhaustive", a + "search",
-                   f"'{self.search}' is not available with algorithm.score = 'poisson'; "
-                   "use 'exhaustive'")
+            _check(self.search != "coarse_to_fine", a + "search",
+                   "'coarse_to_fine' is not available with algorithm.score = 'poisson'; "
+                   "use 'exhaustive' or 'polar'")
+            _check(self.search != "polar" or self.background == "none", a + "background",
+                   f"'{self.background}' is not available with algorithm.search = 'polar' "
+                   "(no background estimate from polar slices yet); use 'none' or "
+                   "algorithm.search = 'exhaustive'")
             _check(self.refine_rounds == 0 or self.refine_generations == 0, a + "refine_rounds",
                    "local refinement is not available with algorithm.score = 'poisson'; set "
                    "algorithm.refine_rounds = 0 (or algorithm.refine_generations = 0)")

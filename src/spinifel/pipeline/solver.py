@@ -317,15 +317,44 @@ class MTIPSolver:
         if st.background is not None:
             bg = background_per_fluence(st.background[0][sel], st.background[1], like=images)
         fluence = None if settings["fit_scale"] else self._emc_fluence(images, slicer, rows)
-        post = score_orientations(images, _timed_batches(slicer, p.grid, p.orientation_batch,
-                                                         timings),
-                                  fluence=fluence, image_batch=p.image_batch,
-                                  background_per_fluence=bg, **settings)
+        if a.search == "polar":
+            post = self._score_polar(model_ac, images, positions, fluence, settings)
+        else:
+            post = score_orientations(images, _timed_batches(slicer, p.grid, p.orientation_batch,
+                                                             timings),
+                                      fluence=fluence, image_batch=p.image_batch,
+                                      background_per_fluence=bg, **settings)
         n_photons = p.xp.sum(images, axis=1, dtype=np.float64)
         post.fluence = update_fluence(n_photons, post.expected_slice_sum)
         timings["matching"] = (timings.get("matching", 0.0) + time.perf_counter() - t
                                - (timings.get("slicing", 0.0) - slicing_before))
         return posterior_to_host(post)
+
+    def _score_polar(self, model_ac: np.ndarray, images: Any, positions: Any, fluence: Any,
+                     settings: dict) -> Any:
+        """The Poisson posterior by the polar search (host arrays; no background, refused
+        by the config): photons binned to their nearest polar bin, every in-plane angle's
+        log-likelihood by FFT (:func:`~spinifel.orientation.polar.score_polar`)."""
+        from spinifel.orientation.polar import (
+            PolarSlicer,
+            direction_quaternions,
+            fibonacci_directions,
+            make_polar_grid,
+            score_polar,
+        )
+
+        p, a = self.problem, self.cfg.algorithm
+        n_dir, n_psi = p.polar_sizes
+        pos = to_host(positions)
+        with StageTimer(self.timings, "slicing"):
+            pg = make_polar_grid(pos, n_psi, interpolation="nearest")
+            polar = PolarSlicer(model_ac, pg, p.extent, a.nufft_eps_slicing, p.real,
+                                self.cfg.runtime.threads_per_rank)
+        dirs = direction_quaternions(fibonacci_directions(n_dir))
+        batch = max(1, min(n_dir, p.orientation_batch * pos.shape[1] // pg.n_points))
+        return score_polar(to_host(images), pg, _timed_batches(polar, dirs, batch, self.timings),
+                           fluence=None if fluence is None else to_host(fluence),
+                           image_batch=min(p.image_batch, 512), dtype=p.real, **settings)
 
     def _emc_fluence(self, images: Any, slicer: Slicer, rows: np.ndarray | None) -> Any:
         """``algorithm.fluence = "emc"``: the previous scoring's fluences of these images,
