@@ -313,8 +313,8 @@ def format_polar(r: dict) -> str:
     text = (f"polar search: {r['directions']} directions x {r['n_psi']} in-plane angles = "
             f"{r['orientations']} orientations, {r['polar_points']} polar points per direction "
             f"({r['pixels']} pixels), {r['images_all_ranks']} images on all ranks: "
-            f"{r['seconds']:.2f} s ({parts}); limit {r['limit_seconds']:.2f} s ({lim}), "
-            f"fraction {r['fraction_of_limit']:.2f}")
+            f"{r['seconds']:.2f} s wall ({parts}), {r['cpu_seconds']:.2f} s CPU; limit "
+            f"{r['limit_seconds']:.2f} s CPU ({lim}), fraction {r['fraction_of_limit']:.2f}")
     if "agreement" in r:
         g = r["agreement"]
         text += (f"\n  agreement with exhaustive search on {g['sub_orientations']} orientations "
