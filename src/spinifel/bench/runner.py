@@ -122,12 +122,11 @@ def search_bench(images: np.ndarray, slicer: Slicer, ac: np.ndarray, positions: 
 
 def run_bench(comm: Any, *, images_per_rank: int, n_pixels: int, M: int, n_orientations: int,
               precision: str = "single", threads: int = 1, orientation_batch: int = 500,
-              seed: int = 0, search: dict | None = None, compare: bool = False,
-              polar: dict | None = None) -> dict:
+              seed: int = 0, search: dict | None = None, compare: bool = False, polar=None):
     """Time every stage and its limit on this rank's synthetic data (collective over ``comm``).
 
-    ``search``: keyword arguments of :func:`search_bench` (coarse-to-fine settings).
-    ``polar``: keyword arguments of :func:`spinifel.bench.polar.polar_bench`.
+    ``search``, ``polar``: keyword arguments of :func:`search_bench` (coarse-to-fine) and
+    :func:`spinifel.bench.polar.polar_bench`.
     ``compare``: also time matching against faiss and scikit-learn on the same images and
     slices (:func:`spinifel.bench.compare.compare_matching`), under ``compare_matching``.
     """
@@ -187,13 +186,7 @@ def run_bench(comm: Any, *, images_per_rank: int, n_pixels: int, M: int, n_orien
                                          dtype, threads, out["slicing"]["seconds"]
                                          + out["matching"]["seconds"], iter(batches), **(search or {}))
 
-    # polar search (directions x in-plane angles by FFT) against its limit and against
-    # exhaustive search on the same factorised grid
-    from spinifel.bench.polar import polar_bench
-
-    out["polar_search"] = polar_bench(comm, images=images, ac=ac, pos=pos, extent=extent,
-                                      n_orientations=n_orientations, dtype=dtype,
-                                      threads=threads, seed=seed, **(polar or {}))
+    out["polar_search"] = _polar_case(comm, prob, n_orientations, dtype, threads, seed, polar)
 
     # merge NUFFTs (type 1 onto M^3 and (2M)^3)
     timings: dict = {}
@@ -291,19 +284,25 @@ def format_table(results: dict, header: str) -> str:
     return "\n".join(lines)
 
 
+def _polar_case(comm: Any, prob: dict, n_orientations: int, dtype, threads: int, seed: int,
+                polar: dict | None) -> dict:
+    """The polar search (directions x in-plane angles by FFT) against its limit and against
+    exhaustive search on the same factorised grid (:func:`spinifel.bench.polar.polar_bench`)."""
+    from spinifel.bench.polar import polar_bench
+
+    return polar_bench(comm, images=prob["images"], ac=prob["ac"], pos=prob["positions"],
+                       extent=prob["extent"], n_orientations=n_orientations, dtype=dtype,
+                       threads=threads, seed=seed, **(polar or {}))
+
+
 def run_polar_bench(comm: Any, *, images_per_rank: int, n_pixels: int, M: int,
                     n_orientations: int, precision: str = "single", threads: int = 1,
                     seed: int = 0, polar: dict | None = None) -> dict:
     """Only the polar search case (:func:`spinifel.bench.polar.polar_bench`) on this rank's
     synthetic data, e.g. the paper's per-node setting (collective)."""
-    from spinifel.bench.polar import polar_bench
-
     dtype = np.float32 if precision == "single" else np.float64
     prob = synthetic_problem(M, n_pixels, images_per_rank, seed + comm.Get_rank(), dtype)
-    return {"polar_search": polar_bench(comm, images=prob["images"], ac=prob["ac"],
-                                        pos=prob["positions"], extent=prob["extent"],
-                                        n_orientations=n_orientations, dtype=dtype,
-                                        threads=threads, seed=seed, **(polar or {}))}
+    return {"polar_search": _polar_case(comm, prob, n_orientations, dtype, threads, seed, polar)}
 
 
 def format_polar(r: dict) -> str:
