@@ -13,26 +13,33 @@ of ``n_dir`` points; ``R(q(d, m)) e_z = d``) and ``n_psi`` uniform in-plane angl
 measure on SO(3) is the product of the uniform measures on the sphere and on the circle, so
 the factorised grid is near-uniform.
 
-Polar grid. Pixels are binned into ``n_rings`` rings of ``|s|`` times ``n_angles``
-azimuths ``phi_j = 2 pi j / n_angles`` (``n_angles`` a multiple ``L`` of ``n_psi``); a
-bin holds the sum of its pixels' (transformed) values and its pixel count is its weight.
-The model slice of direction ``d`` is evaluated once at the bin centres on the Ewald
-sphere; the slice of ``q(d, m)`` at bin ``(k, j)`` is then that slice at ``(k, j + m L)``.
+Polar grid (:class:`PolarGrid`). Rings of ``|s|`` from the beam outwards, grouped in
+annuli; the rings of an annulus carry ``N`` azimuths ``phi_j = 2 pi j / N`` with ``N`` a
+multiple ``L`` of ``n_psi``. Each pixel reads the polar slice through weights ``W``
+(bilinear in ``(|s|, phi)``, or its nearest bin for photon counts). The model slice of
+direction ``d`` is evaluated once at the bin centres on the Ewald sphere; the slice of
+``q(d, m)`` at bin ``(k, j)`` is that slice at ``(k, j + m L)``.
 
-Score. The binned Euclidean distance of image ``x`` (bin sums ``S``, counts ``n``) to the
-slice ``y`` of ``q(d, m)`` scaled by ``c`` is, up to the within-bin spread of ``x``,
+Score. With ``S = W^T x`` (the image spread onto the bins) and ``G = W^T W`` (the
+interpolation's Gram matrix, a few bin offsets ``e``), the distance of image ``x`` to the
+interpolated slice ``y`` of ``q(d, m)`` scaled by ``c`` is exactly
 
     ``||x||^2 - 2 c X(d, m) + c^2 Y(d, m)``,
-    ``X(d, m) = sum_kj S(k, j) y_d(k, j + mL)``,  ``Y(d, m) = sum_kj n(k, j) y_d(k, j + mL)^2``:
+    ``X(d, m) = sum_b S(b) y_d(b + mL)``,
+    ``Y(d, m) = sum_e sum_b G_e(b) y_d(b + mL) y_d(b + e + mL)``:
 
 circular cross-correlations along the angle, summed over rings. Per angular frequency
 ``f`` the sum over rings of ``conj(S^(f)) y^(f)`` is one complex GEMM
-``(images x rings) @ (rings x directions)``; one inverse real FFT per (image, direction)
-gives every in-plane angle. ``||x||^2`` is the pixel norm (as in
-:func:`spinifel.orientation.matching.match_orientations`), so distances are comparable.
+``(images x rings) @ (rings x directions)``; the frequencies of all annuli, folded modulo
+``n_psi``, give every in-plane angle by one inverse FFT of length ``n_psi``
+(:func:`fold_to_psi`). ``||x||^2`` is the pixel norm, so distances are those of
+:func:`spinifel.orientation.matching.match_orientations` with interpolated slices. Each
+image's best few are then rescored with exact slices (:func:`rescore`). The Poisson score
+goes through the same correlations (:func:`score_polar`).
 
-Everything follows the array module of the images (numpy here; cupy has the same
-``fft``/``matmul``); no MPI.
+Everything follows the array module of the images where it can (numpy is what is tested;
+the solver runs it on the host); no MPI (:func:`match_polar_distributed` takes a
+communicator and calls :mod:`spinifel.parallel.collectives`).
 """
 
 from __future__ import annotations
