@@ -340,19 +340,15 @@ def make_polar_grid(positions: np.ndarray, n_psi: int, n_rings: int = 0, n_angle
         counts stay Poisson).
     ring_oversample, angle_oversample : float
         Sampling of the polar grid relative to the outer pixel size. The defaults (rings
-        one pixel apart, azimuths two) are for screening followed by exact rescoring of
-        each image's best 2 (docs/algorithm.md: measured on 64 x 64 pixels, 200 directions
-        x 25 angles, 400 noisy images: polar score alone 96.8% the same orientation as
-        exhaustive search, after rescoring 100%; with half-pixel rings and pixel-sized
-        azimuths, 3.7x the points, 98.0% and 100%).
+        one pixel apart, azimuths two) are meant for screening followed by exact rescoring
+        of each image's best few (measured against finer samplings in docs/algorithm.md).
     exact_shifts : bool
         True (default): every annulus's azimuth count is a multiple of ``n_psi``, so each
         in-plane angle is a whole number of bins and the polar score is exactly the
         distance to the slice interpolated at the pixels. False: counts from a ladder
-        8, 12, 16, 24, ...; the score between bins is the trigonometric interpolation of
-        the per-ring correlations. Measured: False saved 20% of the points at 128 x 128
-        pixels and 160 angles, and none at 64 x 64, and agreed less often with exhaustive
-        search after rescoring (98.75% vs 99.5% on 32 x 32 pixels), so it is not the default.
+        8, 12, 16, 24, ... (fewer points near the beam); the score between bins is then
+        the trigonometric interpolation of the per-ring correlations, an approximation
+        that agreed less often with exhaustive search in trials, so it is not the default.
     """
     pos = np.asarray(to_module(positions, np), dtype=np.float64)
     s = np.linalg.norm(pos, axis=0)
