@@ -130,7 +130,7 @@ def agreement(images_clean_fn, ac, pos, extent, n_dir, n_psi, n_sub, n_images, p
 
 def polar_bench(comm: Any, *, images: np.ndarray, ac: np.ndarray, pos: np.ndarray,
                 extent: float, n_orientations: int, n_psi: int = 0, dtype=np.float32,
-                threads: int = 1, batch: int = 64, candidates: int = 2, seed: int = 0,
+                threads: int = 1, batch: int = 0, candidates: int = 2, seed: int = 0,
                 agreement_directions: int = 0, agreement_images: int = 0,
                 photons: float = 1e4) -> dict:
     """One generation's polar search on this rank's ``images`` (collective), its limit, and
@@ -142,6 +142,8 @@ def polar_bench(comm: Any, *, images: np.ndarray, ac: np.ndarray, pos: np.ndarra
     t_grid, c_grid = time.perf_counter() - t0, time.process_time() - c0
     dirs = direction_quaternions(fibonacci_directions(n_dir))
     grid = polar_orientation_grid(n_dir, n_psi)
+    # the solver's batch: as many model values as 500 ordinary slices
+    batch = batch or max(1, min(n_dir, 500 * pos.shape[1] // pg.n_points))
     slicer = Slicer(ac, pos, extent, 1e-4, dtype, threads)
     polar = PolarSlicer(ac, pg, extent, 1e-4, dtype, threads)
     timings: dict = {}
@@ -170,7 +172,7 @@ def polar_bench(comm: Any, *, images: np.ndarray, ac: np.ndarray, pos: np.ndarra
            "directions": n_dir, "n_psi": n_psi, "orientations": n_dir * n_psi,
            "polar_points": pg.n_points, "annuli": [[a.n_rings, a.n_angles] for a in pg.annuli],
            "pixels": int(pos.shape[1]), "images_all_ranks": int(n_all),
-           "directions_this_rank": int(b - a), "candidates": candidates,
+           "directions_this_rank": int(b - a), "candidates": candidates, "batch": batch,
            "grid_step_deg": float(np.degrees(grid_step(n_dir, n_psi)))}
     # the limits are CPU seconds: compare with our CPU seconds
     out["fraction_of_limit"] = out["limit_seconds"] / cpu

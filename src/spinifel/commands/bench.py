@@ -39,7 +39,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="in-plane angles of the polar search (0 = auto)")
     parser.add_argument("--polar-candidates", type=int, default=2,
                         help="orientations per image rescored exactly after the polar score")
-    parser.add_argument("--polar-batch", type=int, default=64, help="directions per batch")
+    parser.add_argument("--polar-batch", type=int, default=0,
+                        help="directions per batch (0 = the solver's: the model values of 500 "
+                             "ordinary slices)")
     parser.add_argument("--agreement-directions", type=int, default=-1,
                         help="directions of the sub-grid on which polar and exhaustive search "
                              "are compared (-1 = all, 0 = no comparison)")

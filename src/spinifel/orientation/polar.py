@@ -477,7 +477,7 @@ def _freq_weights(n_angles: int, xp: Any = np) -> Any:
     return to_module(w, xp)
 
 
-def fold_to_psi(spectrum: Any, n_psi: int) -> Any:
+def fold_to_psi(spectrum: Any, n_psi: int, last: bool = False) -> Any:
     """Real signal at the ``n_psi`` in-plane shifts from weighted frequency sums.
 
     Parameters
@@ -485,26 +485,31 @@ def fold_to_psi(spectrum: Any, n_psi: int) -> Any:
     spectrum : array, shape (F, ...) complex
         ``G(f) = sum_annuli (w_f / N) C(f)`` (frequencies of every annulus, zero beyond an
         annulus's own).
+    last : bool
+        Put the shift axis last (the fold then also does the transpose).
 
     Returns
     -------
-    array, shape (n_psi, ...) real
+    array, shape (n_psi, ...) real, or (..., n_psi) with ``last``
         ``c(m) = Re sum_f G(f) exp(2 pi i f m / n_psi)``: frequencies folded modulo
         ``n_psi``, then one inverse FFT of length ``n_psi``.
     """
     xp = get_array_module(spectrum)
     F = spectrum.shape[0]
-    folded = spectrum[:min(F, n_psi)].copy()
-    if F < n_psi:
-        folded = xp.concatenate([folded, xp.zeros((n_psi - F,) + spectrum.shape[1:],
-                                                  dtype=spectrum.dtype)])
+    view = (lambda a: xp.moveaxis(a, -1, 0)) if last else (lambda a: a)
+    shape = (spectrum.shape[1:] + (n_psi,)) if last else ((n_psi,) + spectrum.shape[1:])
+    folded = xp.zeros(shape, dtype=spectrum.dtype) if F < n_psi else xp.empty(shape,
+                                                                              dtype=spectrum.dtype)
+    out = view(folded)
+    out[:min(F, n_psi)] = spectrum[:n_psi]
     for a in range(n_psi, F, n_psi):
-        folded[:min(F - a, n_psi)] += spectrum[a:a + n_psi]
+        out[:min(F - a, n_psi)] += spectrum[a:a + n_psi]
+    axis = -1 if last else 0
     if xp is np:
         import scipy.fft
 
-        return scipy.fft.ifft(folded, axis=0, norm="forward", overwrite_x=True).real
-    return xp.fft.ifft(folded, axis=0, norm="forward").real
+        return scipy.fft.ifft(folded, axis=axis, norm="forward", overwrite_x=True).real
+    return xp.fft.ifft(folded, axis=axis, norm="forward").real
 
 
 @dataclass
@@ -589,12 +594,12 @@ def correlate(image_spectra: list, slice_spectra: list, grid: PolarGrid) -> Any:
     array, shape (n, B, n_psi), real (float32 for complex64 operands)
     """
     xp = get_array_module(image_spectra[0], slice_spectra[0])
-    n, B = image_spectra[0].shape[1], slice_spectra[0].shape[2]
-    acc = xp.zeros((grid.n_freq, n, B), dtype=image_spectra[0].dtype)
-    for a_spec, s_spec in zip(image_spectra, slice_spectra):
-        # one complex GEMM (n x K_c) @ (K_c x B) per frequency
+    # one complex GEMM (n x K_c) @ (K_c x B) per frequency and annulus; the annulus with
+    # the most frequencies (the last) writes the sum, the others add to its low frequencies
+    acc = xp.matmul(image_spectra[-1], slice_spectra[-1])
+    for a_spec, s_spec in zip(image_spectra[:-1], slice_spectra[:-1]):
         acc[:a_spec.shape[0]] += xp.matmul(a_spec, s_spec)
-    return xp.ascontiguousarray(fold_to_psi(acc, grid.n_psi).transpose(1, 2, 0))
+    return fold_to_psi(acc, grid.n_psi, last=True)
 
 
 def _batch_best(images: PolarImages, spec: list, ysq: Any, a: int, b: int, grid: PolarGrid,
@@ -620,11 +625,15 @@ def _batch_best(images: PolarImages, spec: list, ysq: Any, a: int, b: int, grid:
         score *= -inv
     else:
         score = y32[None, :] - 2 * cross
-    if k == 1:
-        col = xp.argmin(score, axis=1)[:, None]
+    rows = xp.arange(b - a)[:, None]
+    if k <= 4:  # k passes of argmin beat a partition for the few candidates kept
+        col = xp.empty((b - a, k), dtype=np.int64)
+        for j in range(k):
+            col[:, j] = xp.argmin(score, axis=1)
+            if j < k - 1:
+                score[rows[:, 0], col[:, j]] = np.inf
     else:
         col = xp.argpartition(score, k - 1, axis=1)[:, :k]
-    rows = xp.arange(b - a)[:, None]
     c = cross[rows, col].astype(np.float64)
     yy = ysq[col]
     if scale_per_image:
