@@ -96,7 +96,9 @@ def demo_block(folder: Path) -> list[str]:
                     f"{'%.2f deg' % err if err is not None else 'n/a'} | {t:.1f} |")
     return ["`mpiexec -n 2 spinifel-mpi demo --set algorithm.search=SEARCH` (2000 noise-free "
             "images of 32x32, M = 41, 5000 orientations, 12 generations; "
-            f"`{folder.as_posix()}/demo_*/metrics.json`):", ""] + rows
+            f"`{folder.as_posix()}/demo_*/metrics.json`, commits in "
+            f"`{folder.as_posix()}/README.md`; seconds are wall seconds on the shared "
+            "machine):", ""] + rows
 
 
 def main() -> None:
