@@ -144,6 +144,11 @@ def _polar_only(args: argparse.Namespace, comm, ctx, threads: dict) -> int:
     from spinifel.bench.runner import format_polar, run_polar_bench
     from spinifel.parallel.collectives import allgather_objects
 
+    try:  # the commit of the code that runs (read before the run)
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
     res = run_polar_bench(comm, images_per_rank=args.images_per_rank, n_pixels=args.pixels,
                           M=args.M, n_orientations=args.orientations, precision=args.precision,
                           threads=args.threads, polar=_polar_settings(args))
@@ -154,11 +159,6 @@ def _polar_only(args: argparse.Namespace, comm, ctx, threads: dict) -> int:
         for r, v in enumerate(every):
             print(f"rank {r}: " + format_polar(v["polar_search"]))
         if args.json:
-            try:
-                commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                                        capture_output=True, text=True).stdout.strip()
-            except OSError:
-                commit = ""
             with open(args.json, "w") as f:
                 json.dump({"args": vars(args) | {"_module": None, "_needs_mpi": None},
                            "blas": threads["blas"], "commit": commit,
