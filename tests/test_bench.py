@@ -40,6 +40,14 @@ def test_bench_small_case(tmp_path, capsys):
     assert c2f["evaluations"] >= 40 * c2f["coarse_orientations"]  # the coarse pass alone
     assert c2f["evaluation_ratio"] == c2f["exhaustive_evaluations"] / c2f["evaluations"]
     assert 0 <= c2f["agreement"] <= 1 and c2f["seconds"] > 0
+    pol = r["polar_search"]
+    assert "polar search" in text and pol["seconds"] > 0 and pol["limit_seconds"] > 0
+    assert set(pol["limit_parts"]) == {"slicing", "gemm", "fft", "rescoring"}
+    assert pol["orientations"] == pol["directions"] * pol["n_psi"]
+    assert abs(pol["orientations"] - 200) <= pol["n_psi"]
+    # the comparison runs on the whole (small) grid by default
+    assert pol["agreement"]["sub_orientations"] == pol["orientations"]
+    assert 0 <= pol["agreement"]["within_one_step"] <= 1
 
 
 def test_weak_scaling_example_runs(tmp_path):

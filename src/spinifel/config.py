@@ -94,6 +94,8 @@ class AlgorithmConfig:
     matching_mode: str
     match_transform: str
     search: str
+    polar_n_psi: int
+    polar_candidates: int
     coarse_n_orientations: int
     coarse_resolution: float
     coarse_candidates: int
@@ -150,8 +152,16 @@ class AlgorithmConfig:
                f"must be 'replicated' or 'distributed', got {self.matching_mode!r}")
         _check(self.match_transform in ("none", "sqrt"), a + "match_transform",
                f"must be 'none' or 'sqrt', got {self.match_transform!r}")
-        _check(self.search in ("exhaustive", "coarse_to_fine"), a + "search",
-               f"must be 'exhaustive' or 'coarse_to_fine', got {self.search!r}")
+        _check(self.search in ("exhaustive", "coarse_to_fine", "polar"), a + "search",
+               f"must be 'exhaustive', 'coarse_to_fine' or 'polar', got {self.search!r}")
+        _check(self.polar_n_psi == 0 or 4 <= self.polar_n_psi <= self.n_orientations // 2,
+               a + "polar_n_psi", "must be 0 (auto) or in [4, n_orientations / 2 = "
+               f"{self.n_orientations // 2}], got {self.polar_n_psi}")
+        _check(1 <= self.polar_candidates <= 64, a + "polar_candidates",
+               f"must be in [1, 64], got {self.polar_candidates}")
+        _check(not (self.search == "polar" and self.matching_mode == "distributed"),
+               a + "search", "'polar' is not available with matching_mode = 'distributed'; "
+               "use matching_mode = 'replicated' (polar slicing is n_psi times cheaper)")
         _check(self.coarse_n_orientations == 0
                or 10 <= self.coarse_n_orientations <= self.n_orientations // 2,
                a + "coarse_n_orientations", "must be 0 (auto) or in [10, n_orientations / 2 = "
@@ -229,9 +239,13 @@ class AlgorithmConfig:
         if self.score == "poisson":
             # The coarse-to-fine search ranks orientations by the Euclidean distance; its
             # likelihood version is not implemented (local refinement is: the likelihood).
-            _check(self.search == "exhaustive", a + "search",
+            _check(self.search != "coarse_to_fine", a + "search",
                    "'coarse_to_fine' is not available with algorithm.score = 'poisson'; "
-                   "use 'exhaustive'")
+                   "use 'exhaustive' or 'polar'")
+            _check(self.search != "polar" or self.background == "none", a + "background",
+                   f"'{self.background}' is not available with algorithm.search = 'polar' "
+                   "(no background estimate from polar slices yet); use 'none' or "
+                   "algorithm.search = 'exhaustive'")
             _check(self.matching_mode == "replicated", a + "matching_mode",
                    "'distributed' is not available with algorithm.score = 'poisson'; use "
                    "'replicated'")

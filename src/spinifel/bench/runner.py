@@ -169,10 +169,11 @@ def merge_eps_bench(comm: Any, images: np.ndarray, quats: np.ndarray, pos: np.nd
 
 def run_bench(comm: Any, *, images_per_rank: int, n_pixels: int, M: int, n_orientations: int,
               precision: str = "single", threads: int = 1, orientation_batch: int = 500,
-              seed: int = 0, search: dict | None = None, compare: bool = False) -> dict:
+              seed: int = 0, search: dict | None = None, compare: bool = False, polar=None):
     """Time every stage and its limit on this rank's synthetic data (collective over ``comm``).
 
-    ``search``: keyword arguments of :func:`search_bench` (coarse-to-fine settings).
+    ``search``, ``polar``: keyword arguments of :func:`search_bench` (coarse-to-fine) and
+    :func:`spinifel.bench.polar.polar_bench`.
     ``compare``: also time matching against faiss and scikit-learn on the same images and
     slices (:func:`spinifel.bench.compare.compare_matching`), under ``compare_matching``.
     """
@@ -231,6 +232,8 @@ def run_bench(comm: Any, *, images_per_rank: int, n_pixels: int, M: int, n_orien
     out["coarse_to_fine"] = search_bench(images, slicer, ac, pos, extent, grid, orientation_batch,
                                          dtype, threads, out["slicing"]["seconds"]
                                          + out["matching"]["seconds"], iter(batches), **(search or {}))
+
+    out["polar_search"] = _polar_case(comm, prob, n_orientations, dtype, threads, seed, polar)
 
     # merge NUFFTs (type 1 onto M^3 and (2M)^3)
     timings: dict = {}
@@ -320,3 +323,43 @@ def format_table(results: dict, header: str) -> str:
         lines.append(f"{name:<18}{v['seconds']:>10.4f}{(lim if lim else float('nan')):>10.4f}"
                      f"{(frac if frac else float('nan')):>10.2f}  {rate}")
     return "\n".join(lines)
+
+
+def _polar_case(comm: Any, prob: dict, n_orientations: int, dtype, threads: int, seed: int,
+                polar: dict | None) -> dict:
+    """The polar search (directions x in-plane angles by FFT) against its limit and against
+    exhaustive search on the same factorised grid (:func:`spinifel.bench.polar.polar_bench`)."""
+    from spinifel.bench.polar import polar_bench
+
+    return polar_bench(comm, images=prob["images"], ac=prob["ac"], pos=prob["positions"],
+                       extent=prob["extent"], n_orientations=n_orientations, dtype=dtype,
+                       threads=threads, seed=seed, **(polar or {}))
+
+
+def run_polar_bench(comm: Any, *, images_per_rank: int, n_pixels: int, M: int,
+                    n_orientations: int, precision: str = "single", threads: int = 1,
+                    seed: int = 0, polar: dict | None = None) -> dict:
+    """Only the polar search case (:func:`spinifel.bench.polar.polar_bench`) on this rank's
+    synthetic data, e.g. the paper's per-node setting (collective)."""
+    dtype = np.float32 if precision == "single" else np.float64
+    prob = synthetic_problem(M, n_pixels, images_per_rank, seed + comm.Get_rank(), dtype)
+    return {"polar_search": _polar_case(comm, prob, n_orientations, dtype, threads, seed, polar)}
+
+
+def format_polar(r: dict) -> str:
+    """One paragraph on the polar search case of one rank."""
+    parts = ", ".join(f"{k} {v:.2f} s" for k, v in r["parts"].items())
+    lim = ", ".join(f"{k} {v:.2f} s" for k, v in r["limit_parts"].items())
+    text = (f"polar search: {r['directions']} directions x {r['n_psi']} in-plane angles = "
+            f"{r['orientations']} orientations, {r['polar_points']} polar points per direction "
+            f"({r['pixels']} pixels), {r['images_all_ranks']} images on all ranks: "
+            f"{r['seconds']:.2f} s wall ({parts}), {r['cpu_seconds']:.2f} s CPU; limit "
+            f"{r['limit_seconds']:.2f} s CPU ({lim}), fraction {r['fraction_of_limit']:.2f}")
+    if "agreement" in r:
+        g = r["agreement"]
+        text += (f"\n  agreement with exhaustive search on {g['sub_orientations']} orientations "
+                 f"({g['sub_directions']} directions), {g['images']} images of "
+                 f"{g['photons_per_image']:.3g} photons: {100 * g['within_one_step']:.1f}% within "
+                 f"one grid step ({g['grid_step_deg']:.2f} deg), {100 * g['same_orientation']:.1f}% "
+                 f"the same; {g['polar_seconds']:.2f} s vs {g['exhaustive_seconds']:.2f} s")
+    return text

@@ -32,6 +32,23 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="fine neighbours within this many coarse grid spacings")
     parser.add_argument("--coarse-twins", action=argparse.BooleanOptionalAction, default=True,
                         help="also search around the half-turn twin of every coarse candidate")
+    parser.add_argument("--polar-only", action="store_true",
+                        help="only the polar search case (e.g. the paper's per-node setting: "
+                             "--pixels 128 --M 81 --orientations 1200000 --images-per-rank 500)")
+    parser.add_argument("--polar-n-psi", type=int, default=0,
+                        help="in-plane angles of the polar search (0 = auto)")
+    parser.add_argument("--polar-candidates", type=int, default=2,
+                        help="orientations per image rescored exactly after the polar score")
+    parser.add_argument("--polar-batch", type=int, default=0,
+                        help="directions per batch (0 = the solver's: the model values of 500 "
+                             "ordinary slices)")
+    parser.add_argument("--agreement-directions", type=int, default=-1,
+                        help="directions of the sub-grid on which polar and exhaustive search "
+                             "are compared (-1 = all, 0 = no comparison)")
+    parser.add_argument("--agreement-images", type=int, default=0,
+                        help="images of that comparison (0 = images per rank)")
+    parser.add_argument("--photons", type=float, default=1e4,
+                        help="photons per image of the comparison's Poisson images")
     parser.add_argument("--json", help="write the measurements (every rank's) to this file")
     parser.add_argument("--plot", help="write the per-stage breakdown (rank 0) to this PNG")
     parser.add_argument("--compare", action="store_true",
@@ -40,7 +57,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from spinifel.bench.runner import format_table, plot_breakdown, run_bench
+    from spinifel.bench.runner import format_polar, format_table, plot_breakdown, run_bench
     from spinifel.config import load_config
     from spinifel.parallel.context import ParallelContext, collective
     from spinifel.runtime import configure_threads
@@ -57,6 +74,8 @@ def main(args: argparse.Namespace) -> int:
                 f"algorithm.coarse_twins={str(args.coarse_twins).lower()}"])
     threads = configure_threads(args.threads)
     comm = collective_ctx.comm
+    if args.polar_only:
+        return _polar_only(args, comm, collective_ctx, threads)
     res = run_bench(comm, images_per_rank=args.images_per_rank, n_pixels=args.pixels, M=args.M,
                     n_orientations=args.orientations, precision=args.precision,
                     threads=args.threads,
@@ -65,7 +84,7 @@ def main(args: argparse.Namespace) -> int:
                             "coarse_candidates": args.coarse_candidates,
                             "coarse_radius": args.coarse_radius,
                             "coarse_twins": args.coarse_twins},
-                    compare=args.compare)
+                    compare=args.compare, polar=_polar_settings(args))
     from spinifel.parallel.collectives import allgather_objects
     from spinifel.pipeline import peak_rss_mib
 
@@ -96,10 +115,53 @@ def main(args: argparse.Namespace) -> int:
               f"({c2f['evaluation_ratio']:.2f}x fewer), {c2f['seconds']:.3f} s vs "
               f"{c2f['exhaustive_seconds']:.3f} s (slicing included), same orientation for "
               f"{100 * c2f['agreement']:.1f}% of the images")
+        print(format_polar(every[0]["polar_search"]))
         if args.plot:
             plot_breakdown(every[0], args.plot, head.split(";")[0])
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"args": vars(args) | {"_module": None, "_needs_mpi": None},
                            "blas": threads["blas"], "ranks": every}, f, indent=2, default=str)
+    return 0
+
+
+def _polar_settings(args: argparse.Namespace) -> dict:
+    """Keyword arguments of :func:`spinifel.bench.polar.polar_bench` from the options."""
+    from spinifel.orientation.polar import polar_sizes
+
+    n_dir, _ = polar_sizes(args.orientations, args.polar_n_psi)
+    sub = n_dir if args.agreement_directions < 0 else args.agreement_directions
+    return {"n_psi": args.polar_n_psi, "candidates": args.polar_candidates,
+            "batch": args.polar_batch, "agreement_directions": sub,
+            "agreement_images": args.agreement_images, "photons": args.photons}
+
+
+def _polar_only(args: argparse.Namespace, comm, ctx, threads: dict) -> int:
+    """``--polar-only``: the polar search case alone; JSON like the full bench's."""
+    import os
+    import subprocess
+
+    from spinifel.bench.runner import format_polar, run_polar_bench
+    from spinifel.parallel.collectives import allgather_objects
+
+    try:  # the commit of the code that runs (read before the run)
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    res = run_polar_bench(comm, images_per_rank=args.images_per_rank, n_pixels=args.pixels,
+                          M=args.M, n_orientations=args.orientations, precision=args.precision,
+                          threads=args.threads, polar=_polar_settings(args))
+    every = allgather_objects(comm, res)
+    if ctx.is_root:
+        print(f"spinifel-mpi bench --polar-only: {comm.Get_size()} rank(s), "
+              f"{args.images_per_rank} images/rank of {args.pixels}x{args.pixels}, M={args.M}")
+        for r, v in enumerate(every):
+            print(f"rank {r}: " + format_polar(v["polar_search"]))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args) | {"_module": None, "_needs_mpi": None},
+                           "blas": threads["blas"], "commit": commit,
+                           "load_average": os.getloadavg(), "ranks": every}, f, indent=2,
+                          default=str)
     return 0

@@ -56,10 +56,12 @@ def measured_fourier_mask(M: int, positions: np.ndarray, reciprocal_extent: floa
 def check_backend_config(cfg: Config, xp: Any) -> None:
     """Refuse settings the chosen array backend cannot run (ConfigError, one line).
 
-    ``algorithm.search = "coarse_to_fine"`` runs on the CPU path only (``xp`` numpy).
+    ``algorithm.search = "coarse_to_fine"`` or ``"polar"`` runs on the CPU path only
+    (``xp`` numpy).
     """
-    if xp is not np and cfg.algorithm.search == "coarse_to_fine":
-        raise ConfigError("config key 'algorithm.search': 'coarse_to_fine' runs on the CPU path "
+    search = cfg.algorithm.search
+    if xp is not np and search in ("coarse_to_fine", "polar"):
+        raise ConfigError(f"config key 'algorithm.search': '{search}' runs on the CPU path "
                           "only in this version; use 'exhaustive' with the GPU backend")
 
 
@@ -78,7 +80,8 @@ class Problem:
     ``info``, ``n_images``, ``start``/``stop`` (this rank's rows in file order), ``geom``.
     Set by :meth:`load`: ``images`` (n_local, P) in ``real`` on the array module ``xp``,
     ``positions`` (3, P) float64 host and ``d_positions`` on ``xp`` (inverse metres),
-    ``grid`` (K, 4) orientation grid, ``support`` (M, M, M) bool autocorrelation support,
+    ``grid`` (K, 4) orientation grid (``algorithm.search = "polar"``: the factorised grid
+    of ``polar_sizes`` = (beam directions, in-plane angles)), ``support`` (M, M, M) bool autocorrelation support,
     ``fourier_mask`` (M, M, M) bool measured shell, ``s_norm`` (P,) ``|s|`` per pixel,
     ``halves`` (n_local,) int half of each local image or None, ``half_rows`` per half
     a (host mask, mask on ``xp``) pair or None, ``orientation_batch`` / ``image_batch``,
@@ -118,6 +121,7 @@ class Problem:
     s_all: np.ndarray | None = None
     mean_image: np.ndarray | None = None
     shells: np.ndarray | None = None
+    polar_sizes: tuple[int, int] | None = None
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -196,7 +200,13 @@ class Problem:
             self.cv_rows = [(cv == h, to_module(cv == h, xp)) for h in (0, 1)]
         self.orientation_batch, self.image_batch = _batches(cfg, self.backends, int(good.sum()))
         self._log_data()
-        self.grid = orientation_grid(a.n_orientations)
+        if a.search == "polar":
+            from spinifel.orientation.polar import polar_orientation_grid, polar_sizes
+
+            self.polar_sizes = polar_sizes(a.n_orientations, a.polar_n_psi)
+            self.grid = polar_orientation_grid(*self.polar_sizes)
+        else:
+            self.grid = orientation_grid(a.n_orientations)
         self.support = ball_support(a.M, a.ac_support_radius)
         self.fourier_mask = measured_fourier_mask(a.M, self.positions, self.extent)
         self.s_norm = np.linalg.norm(self.positions, axis=0)

@@ -333,11 +333,14 @@ class MTIPSolver:
         if st.background is not None:
             bg = background_per_fluence(st.background[0][sel], st.background[1], like=images)
         fluence = None if settings["fit_scale"] else self._emc_fluence(images, slicer, rows)
-        post = score_orientations(images, _timed_batches(slicer, p.grid, p.orientation_batch,
-                                                         timings),
-                                  fluence=fluence, image_batch=p.image_batch,
-                                  background_per_fluence=bg, n_orientations=len(p.grid),
-                                  **settings)
+        if a.search == "polar":
+            post = self._score_polar(model_ac, images, positions, fluence, settings)
+        else:
+            post = score_orientations(images, _timed_batches(slicer, p.grid, p.orientation_batch,
+                                                             timings),
+                                      fluence=fluence, image_batch=p.image_batch,
+                                      background_per_fluence=bg, n_orientations=len(p.grid),
+                                      **settings)
         n_photons = p.xp.sum(images, axis=1, dtype=np.float64)
         post.fluence = update_fluence(n_photons, post.expected_slice_sum)
         timings["matching"] = (timings.get("matching", 0.0) + time.perf_counter() - t
@@ -382,6 +385,32 @@ class MTIPSolver:
                                        a.refine_rounds, stencil=a.refine_stencil,
                                        scorer=minus_log_likelihood)
         return quats
+
+    def _score_polar(self, model_ac: np.ndarray, images: Any, positions: Any, fluence: Any,
+                     settings: dict) -> Any:
+        """The Poisson posterior by the polar search (host arrays; no background, refused
+        by the config): photons binned to their nearest polar bin, every in-plane angle's
+        log-likelihood by FFT (:func:`~spinifel.orientation.polar.score_polar`)."""
+        from spinifel.orientation.polar import (
+            PolarSlicer,
+            direction_quaternions,
+            fibonacci_directions,
+            make_polar_grid,
+            score_polar,
+        )
+
+        p, a = self.problem, self.cfg.algorithm
+        n_dir, n_psi = p.polar_sizes
+        pos = to_host(positions)
+        with StageTimer(self.timings, "slicing"):
+            pg = make_polar_grid(pos, n_psi, interpolation="nearest")
+            polar = PolarSlicer(model_ac, pg, p.extent, a.nufft_eps_slicing, p.real,
+                                self.cfg.runtime.threads_per_rank)
+        dirs = direction_quaternions(fibonacci_directions(n_dir))
+        batch = max(1, min(n_dir, p.orientation_batch * pos.shape[1] // pg.n_points))
+        return score_polar(to_host(images), pg, _timed_batches(polar, dirs, batch, self.timings),
+                           fluence=None if fluence is None else to_host(fluence),
+                           image_batch=min(p.image_batch, 512), dtype=p.real, **settings)
 
     def _emc_fluence(self, images: Any, slicer: Slicer, rows: np.ndarray | None) -> Any:
         """``algorithm.fluence = "emc"``: the previous scoring's fluences of these images,
@@ -478,9 +507,40 @@ class MTIPSolver:
             log.info("coarse-to-fine search: %d distance evaluations, %.1fx fewer than "
                      "exhaustive", c2f.evaluations, c2f.reduction)
             return match
+        if a.search == "polar":
+            return self._match_polar(images, model_ac, positions, slicer)
         return match_orientations(images, _timed_batches(slicer, p.grid, p.orientation_batch,
                                                          timings),
                                   a.scale_per_image, p.image_batch, a.match_transform)
+
+    def _match_polar(self, images: Any, model_ac: np.ndarray, positions: Any, slicer: Slicer):
+        """``algorithm.search = "polar"`` (collective): every in-plane angle of each beam
+        direction by FFT, the directions split over the ranks, each image's best
+        ``polar_candidates`` rescored with ``slicer``
+        (:func:`~spinifel.orientation.polar.match_polar_distributed`; host arrays).
+        Direction batches hold about as many model values as ``orientation_batch``
+        ordinary slices."""
+        from spinifel.orientation.polar import (
+            PolarSlicer,
+            direction_quaternions,
+            fibonacci_directions,
+            make_polar_grid,
+            match_polar_distributed,
+        )
+
+        p, a = self.problem, self.cfg.algorithm
+        n_dir, n_psi = p.polar_sizes
+        pos = to_host(positions)
+        with StageTimer(self.timings, "slicing"):
+            pg = make_polar_grid(pos, n_psi)
+            polar = PolarSlicer(model_ac, pg, p.extent, a.nufft_eps_slicing, p.real,
+                                self.cfg.runtime.threads_per_rank)
+        dirs = direction_quaternions(fibonacci_directions(n_dir))
+        batch = max(1, min(n_dir, p.orientation_batch * pos.shape[1] // pg.n_points))
+        return match_polar_distributed(
+            self.comm, to_host(images), pg, polar, dirs, batch, a.scale_per_image,
+            a.match_transform, min(p.image_batch, 512), p.real, a.polar_candidates,
+            (p.grid, slicer), self.timings)
 
     def merge(self, assignment: Assignment) -> Merged:
         """Normal equations of the local images at ``assignment``'s orientations, summed
@@ -631,8 +691,9 @@ class MTIPSolver:
         return report
 
 
-def _timed_batches(slicer: Slicer, grid: np.ndarray, batch: int, timings: dict):
-    """Slice batches for matching, accumulating the slicing time separately."""
+def _timed_batches(slicer: Any, grid: np.ndarray, batch: int, timings: dict):
+    """Slice batches for matching, accumulating the slicing time separately (``slicer``: a
+    :class:`Slicer` and orientations, or a ``PolarSlicer`` and beam directions)."""
     for start in range(0, len(grid), batch):
         with StageTimer(timings, "slicing"):
             s = slicer.slices(grid[start:start + batch])
