@@ -68,9 +68,12 @@ def row(run: Path) -> str:
     oe = ev.get("orientation_error_deg") or {}
     seconds = sum(sum(v for v in g["timings"].values() if v) for g in gens)
     bg = (last.get("posterior") or {}).get("background_photons_per_pixel")
+
+    def poisson(v):  # settings that only the Poisson score reads
+        return v if a.get("score") == "poisson" else "-"
     return (f"| `{run.name}` | {Path(cfg['data']['path']).name} | {m['n_images']} | "
-            f"{a.get('score', 'euclidean')} | {a.get('M')} | {a.get('beta_start', '')} | "
-            f"{a.get('orientations_per_image', '')} | {a.get('refine_rounds', '')} | "
+            f"{a.get('score', 'euclidean')} | {a.get('M')} | {poisson(a.get('beta_start'))} | "
+            f"{poisson(a.get('orientations_per_image'))} | {a.get('refine_rounds', '')} | "
             f"{','.join(f'{x:g}' for x in a.get('lambdas', []))} | "
             f"{a.get('background', 'none')}"
             f"{'' if bg is None else f' (estimated {bg:.3f} photons/pixel)'} | "
