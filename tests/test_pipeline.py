@@ -29,6 +29,7 @@ def _config(path, out, **algo):
 
 def test_serial_run_writes_consistent_results(tiny_dataset, tmp_path):
     out = tmp_path / "out"
+    plan = run_pipeline(_config(tiny_dataset, out), ParallelContext.serial(), dry_run=True)
     summary = run_pipeline(_config(tiny_dataset, out), ParallelContext.serial())
     assert summary["generations"] == 3
     with h5py.File(out / "result.h5") as f:
@@ -50,6 +51,12 @@ def test_serial_run_writes_consistent_results(tiny_dataset, tmp_path):
     assert {"merge_nufft", "merge_cg", "phasing"} <= set(gens[0]["timings"])
     assert {"slicing", "matching", "refinement"} <= set(gens[2]["timings"])
     assert "evaluation" in gens[-1] and -1 <= gens[-1]["evaluation"]["density_correlation"] <= 1
+    # the memory estimate the run was judged by, next to the peak RSS it reached
+    mem = metrics["memory"]
+    assert mem["estimate_per_rank_mib"] == [plan["memory_per_rank_bytes"] / 2**20]
+    assert mem["peak_rss_per_rank_mib"] == gens[-1]["peak_rss_mib"]
+    assert mem["peak_over_estimate"] == pytest.approx(
+        max(gens[-1]["peak_rss_mib"]) / mem["estimate_max_mib"], rel=1e-12)
     assert (out / "density.mrc").exists() and (out / "intensity.mrc").exists()
     assert not list(out.glob("*.tmp*"))
 
