@@ -406,8 +406,10 @@ def _memory_estimate(cfg: Config, n_local: int, n_pixels: int,
     gemm = min(a.image_batch, max(n_local, 1)) * a.orientation_batch * 8 * 2
     merge_pts = min(a.image_batch, max(n_local, 1)) * n_pixels * MERGE_BYTES_PER_POINT
     grids = KERNEL_BYTES_PER_VOXEL * (2 * a.M) ** 3 + a.M ** 3 * 8 * 8
-    # the multi-shift sweep holds two vectors per lambda (three sweeps under holdout)
-    grids += (2 * len(a.lambdas) + 4) * a.M ** 3 * 8 * (2 if a.lambda_choice == "holdout" else 1)
+    # the multi-shift sweep holds two vectors per lambda (three sweeps under holdout; one
+    # lambda is never swept)
+    holdout = a.lambda_choice == "holdout" and len(a.lambdas) > 1
+    grids += (2 * len(a.lambdas) + 4) * a.M ** 3 * 8 * (2 if holdout else 1)
     if a.search == "coarse_to_fine":
         # the fine pass holds the fine slices its candidates need: with many images up to
         # the whole fine grid, capped by coarse_max_fine_slices
