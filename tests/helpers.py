@@ -153,6 +153,27 @@ def simulate_tiny(path: Path, n_images: int) -> Path:
     return path
 
 
+# A small problem that converges from random orientations in about 40 s of CPU (one core):
+# 600 noise-free images of 24x24 pixels of 3 mm (8.5 A at the corner) of the built-in
+# 2000-atom molecule, M = 29, 2500 orientations, 10 generations with resolution marching
+# over 5 and refinement in the last 2. The 300-atom, 16x16 tiny problem never leaves the
+# random start (median orientation error 81 deg after 10 generations), this one does.
+SMALL_SIM = {"n_images": 600, "n_pixels": 24, "pixel_size_m": 3e-3, "M": 29,
+             "beamstop_radius_px": 1.0}
+SMALL_ALGORITHM = {"M": 29, "generations": 10, "match_resolution_ramp": 5,
+                   "n_orientations": 2500, "n_phase_loops": 2, "n_er": 30, "n_hio": 30, "n_final_er": 30,
+                   "cg_max_iter": 60, "refine_generations": 2}
+
+
+def simulate_small(path: Path) -> Path:
+    """Simulate the small converging problem's dataset (:data:`SMALL_SIM`) at ``path``."""
+    from spinifel.simulate.dataset import simulate_dataset
+    from spinifel.simulate.structure import builtin_molecule
+
+    simulate_dataset(path, builtin_molecule(seed=0), seed=0, **SMALL_SIM)
+    return path
+
+
 def tiny_config(path: Path, out: Path, algorithm: dict, validation: dict | None = None):
     """The resolved config of a tiny run on ``path`` writing to ``out``."""
     from spinifel.config import load_config

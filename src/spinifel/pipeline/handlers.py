@@ -114,7 +114,9 @@ class MetricsWriter:
     """Append the generation's entry to ``metrics.json`` and redraw ``progress.png``.
 
     ``history`` holds the entries of earlier generations (a resumed run's); ``doc`` is the
-    whole document last written. The peak RSS of every rank is an allgather (collective).
+    whole document last written. The peak RSS of every rank is an allgather (collective);
+    ``doc["memory"]`` puts the run's peak so far next to the memory estimate that
+    :func:`spinifel.runtime.check_memory` judged the run by.
     """
 
     def __init__(self, problem: Problem, out_dir: Any, history: list[dict]) -> None:
@@ -122,17 +124,21 @@ class MetricsWriter:
         self.out_dir = out_dir
         self.metrics = list(history)
         self.doc: dict = {}
+        self.estimate_mib: list[float] | None = None
 
     def __call__(self, solver: MTIPSolver, report: StepReport) -> None:
         p, a = self.problem, self.problem.cfg.algorithm
         report.timings["io_read"] = p.io_seconds if report.generation == 0 else 0.0
         # Peak resident memory of every rank so far (MiB): flat over generations = no leak.
         report.entry["peak_rss_mib"] = allgather_objects(p.ctx.comm, peak_rss_mib())
+        if self.estimate_mib is None:
+            self.estimate_mib = allgather_objects(p.ctx.comm, p.memory_estimate() / 2**20)
         self.metrics.append(report.entry)
         self.doc = {"generations": self.metrics, "n_ranks": p.ctx.size,
                     "n_images": p.n_images, "M": a.M, "voxel_size_angstrom": p.voxel_angstrom,
                     "n_orientations": a.n_orientations, "grid_spacing_deg": p.grid_spacing_deg,
-                    "n_generations": a.generations}
+                    "n_generations": a.generations,
+                    "memory": memory_summary(self.estimate_mib, report.entry["peak_rss_mib"])}
         self.write()
 
     def write(self) -> None:
@@ -272,6 +278,28 @@ def peak_rss_mib() -> float:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return float(peak) / (1024.0 * 1024.0 if sys.platform == "darwin" else 1024.0)
+
+
+def memory_summary(estimate_mib: list[float], peak_mib: list[float]) -> dict:
+    """The memory estimate next to the measured peak RSS, per rank and their maxima.
+
+    Parameters
+    ----------
+    estimate_mib, peak_mib : list of float, one per rank (MiB)
+        The run's memory estimate of each rank and its peak resident set size so far.
+
+    Returns
+    -------
+    dict
+        ``estimate_per_rank_mib``, ``peak_rss_per_rank_mib``, ``estimate_max_mib``,
+        ``peak_rss_max_mib`` and ``peak_over_estimate`` (the largest peak over the largest
+        estimate: above 1 the estimate was too low).
+    """
+    est, peak = max(estimate_mib), max(peak_mib)
+    return {"estimate_per_rank_mib": [float(e) for e in estimate_mib],
+            "peak_rss_per_rank_mib": [float(v) for v in peak_mib],
+            "estimate_max_mib": float(est), "peak_rss_max_mib": float(peak),
+            "peak_over_estimate": float(peak / est) if est > 0 else float("nan")}
 
 
 def read_metrics(out_dir: Any) -> list:

@@ -313,7 +313,8 @@ class Problem:
 
     def memory_estimate(self) -> int:
         """Rough peak bytes per rank (see :func:`_memory_estimate`)."""
-        return _memory_estimate(self.cfg, self.n_local, int(self.geom.mask.sum()))
+        return _memory_estimate(self.cfg, self.n_local, int(self.geom.mask.sum()),
+                                int(self.geom.mask.size))
 
     def initial_orientations(self) -> np.ndarray:
         """Generation 0's local orientations ``(n_local, 4)`` float64: the dataset's
@@ -370,21 +371,59 @@ def _batches(cfg: Config, be: Backends, n_pixels: int) -> tuple[int, int]:
     return ob, ib
 
 
-def _memory_estimate(cfg: Config, n_local: int, n_pixels: int) -> int:
-    """Rough peak bytes per rank: images, one slice batch and its GEMM block, grids."""
+# Host memory of a rank before any array of the run: the interpreter and its libraries
+# (importing numpy, scipy, h5py, finufft, mpi4py and spinifel alone: 120 MiB), MPI, FFT plans
+# and caches. With the (2M)^3 coefficient below, fitted to the peak RSS measured on 2 ranks
+# (docs/data/memory/, docs/scaling.md: M 31-101, 1000-4000 images per rank).
+RUNTIME_BASE_BYTES = 160 * 2**20
+# Bytes per (2M)^3 voxel at the merge's peak (the Toeplitz kernel's type-1 NUFFT: its
+# complex128 accumulator, finufft's upsampled work grid and output; finufft 2.5.1), fitted
+# with RUNTIME_BASE_BYTES to the measured peaks.
+KERNEL_BYTES_PER_VOXEL = 40
+# Bytes per merge point (one pixel of one image in an image_batch block): rotated
+# coordinates (24), finufft's sort indices for two plans (16), the float64 image block, its
+# weighted values and their complex128 copy (32), the tiled weights (8).
+MERGE_BYTES_PER_POINT = 80
+
+
+def _memory_estimate(cfg: Config, n_local: int, n_pixels: int,
+                     n_pixels_all: int | None = None) -> int:
+    """Peak host bytes per rank: the runtime, images, one slice batch and its GEMM block,
+    one merge block, grids.
+
+    Parameters
+    ----------
+    cfg : Config
+    n_local : int
+        Images on this rank.
+    n_pixels : int
+        Good pixels per image (those the run uses).
+    n_pixels_all : int, optional
+        All pixels per image, masked included (the shard as read); default ``n_pixels``.
+
+    Returns
+    -------
+    int
+        Bytes. Checked against the peak RSS of real runs in docs/scaling.md (within 3% on
+        the fitted cases).
+    """
     a = cfg.algorithm
     item = 4 if cfg.runtime.precision == "single" else 8
-    images = n_local * n_pixels * item
+    n_all = n_pixels if n_pixels_all is None else n_pixels_all
+    # the shard as read (float32, all pixels), the good pixels, the matching's transformed copy
+    images = n_local * (4 * n_all + 2 * item * n_pixels)
     slices = a.orientation_batch * n_pixels * (item + 8 * 3 + 8)
     gemm = min(a.image_batch, max(n_local, 1)) * a.orientation_batch * 8 * 2
-    merge_pts = min(a.image_batch, max(n_local, 1)) * n_pixels * 8 * 4
-    grids = (2 * a.M) ** 3 * 8 * 4 + a.M ** 3 * 8 * 8
-    # the multi-shift sweep holds two vectors per lambda (three sweeps under holdout)
-    grids += (2 * len(a.lambdas) + 4) * a.M ** 3 * 8 * (2 if a.lambda_choice == "holdout" else 1)
+    merge_pts = min(a.image_batch, max(n_local, 1)) * n_pixels * MERGE_BYTES_PER_POINT
+    grids = KERNEL_BYTES_PER_VOXEL * (2 * a.M) ** 3 + a.M ** 3 * 8 * 8
+    # the multi-shift sweep holds two vectors per lambda (three sweeps under holdout; one
+    # lambda is never swept)
+    holdout = a.lambda_choice == "holdout" and len(a.lambdas) > 1
+    grids += (2 * len(a.lambdas) + 4) * a.M ** 3 * 8 * (2 if holdout else 1)
     if a.search == "coarse_to_fine":
         # the fine pass holds the fine slices its candidates need: with many images up to
         # the whole fine grid, capped by coarse_max_fine_slices
         held = a.n_orientations if a.coarse_max_fine_slices == 0 else min(
             a.n_orientations, a.coarse_max_fine_slices)
         slices += held * n_pixels * item
-    return int(images + slices + gemm + merge_pts + grids)
+    return int(RUNTIME_BASE_BYTES + images + slices + gemm + merge_pts + grids)
