@@ -102,3 +102,19 @@ def test_bench_compare_cli(tmp_path, capsys):
     # synthetic exact model images at random orientations: near-ties are possible between
     # neighbouring grid slices, but the peers solve the same float32 problem
     assert cmp["faiss"]["agreement"] >= 0.9 and cmp["sklearn"]["agreement"] >= 0.9
+
+
+def test_bench_polar_only(tmp_path, capsys):
+    """Catches --polar-only losing the JSON fields docs/performance.md is generated from."""
+    out = tmp_path / "p.json"
+    assert main(["bench", "--polar-only", "--images-per-rank", "20", "--pixels", "16", "--M", "15",
+                 "--orientations", "200", "--agreement-directions", "5", "--json", str(out)]) == 0
+    assert "polar search" in capsys.readouterr().out
+    d = json.loads(out.read_text())
+    r = d["ranks"][0]["polar_search"]
+    assert "commit" in d and len(d["load_average"]) == 3
+    for key in ("seconds", "cpu_seconds", "limit_seconds", "fraction_of_limit"):
+        assert r[key] > 0
+    assert set(r["parts"]) == {"grid", "slicing", "rescoring", "correlation"}
+    assert r["agreement"]["sub_directions"] == 5
+    assert r["agreement"]["sub_orientations"] == 5 * r["n_psi"]
