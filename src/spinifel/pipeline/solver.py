@@ -386,28 +386,39 @@ class MTIPSolver:
                                        scorer=minus_log_likelihood)
         return quats
 
-    def _score_polar(self, model_ac: np.ndarray, images: Any, positions: Any, fluence: Any,
-                     settings: dict) -> Any:
-        """The Poisson posterior by the polar search (host arrays; no background, refused
-        by the config): photons binned to their nearest polar bin, every in-plane angle's
-        log-likelihood by FFT (:func:`~spinifel.orientation.polar.score_polar`)."""
+    def _polar_setup(self, model_ac: np.ndarray, positions: Any, interpolation: str | None):
+        """Polar grid of the matched pixels, its slicer of ``model_ac`` (timed as slicing),
+        the beam directions and the directions per batch (about as many model values as
+        ``orientation_batch`` ordinary slices). ``interpolation``: ``"nearest"`` for photon
+        counts, None for the default (bilinear)."""
         from spinifel.orientation.polar import (
             PolarSlicer,
             direction_quaternions,
             fibonacci_directions,
             make_polar_grid,
-            score_polar,
         )
 
         p, a = self.problem, self.cfg.algorithm
         n_dir, n_psi = p.polar_sizes
         pos = to_host(positions)
         with StageTimer(self.timings, "slicing"):
-            pg = make_polar_grid(pos, n_psi, interpolation="nearest")
+            pg = (make_polar_grid(pos, n_psi) if interpolation is None
+                  else make_polar_grid(pos, n_psi, interpolation=interpolation))
             polar = PolarSlicer(model_ac, pg, p.extent, a.nufft_eps_slicing, p.real,
                                 self.cfg.runtime.threads_per_rank)
         dirs = direction_quaternions(fibonacci_directions(n_dir))
         batch = max(1, min(n_dir, p.orientation_batch * pos.shape[1] // pg.n_points))
+        return pg, polar, dirs, batch
+
+    def _score_polar(self, model_ac: np.ndarray, images: Any, positions: Any, fluence: Any,
+                     settings: dict) -> Any:
+        """The Poisson posterior by the polar search (host arrays; no background, refused
+        by the config): photons binned to their nearest polar bin, every in-plane angle's
+        log-likelihood by FFT (:func:`~spinifel.orientation.polar.score_polar`)."""
+        from spinifel.orientation.polar import score_polar
+
+        p = self.problem
+        pg, polar, dirs, batch = self._polar_setup(model_ac, positions, "nearest")
         return score_polar(to_host(images), pg, _timed_batches(polar, dirs, batch, self.timings),
                            fluence=None if fluence is None else to_host(fluence),
                            image_batch=min(p.image_batch, 512), dtype=p.real, **settings)
@@ -520,23 +531,10 @@ class MTIPSolver:
         (:func:`~spinifel.orientation.polar.match_polar_distributed`; host arrays).
         Direction batches hold about as many model values as ``orientation_batch``
         ordinary slices."""
-        from spinifel.orientation.polar import (
-            PolarSlicer,
-            direction_quaternions,
-            fibonacci_directions,
-            make_polar_grid,
-            match_polar_distributed,
-        )
+        from spinifel.orientation.polar import match_polar_distributed
 
         p, a = self.problem, self.cfg.algorithm
-        n_dir, n_psi = p.polar_sizes
-        pos = to_host(positions)
-        with StageTimer(self.timings, "slicing"):
-            pg = make_polar_grid(pos, n_psi)
-            polar = PolarSlicer(model_ac, pg, p.extent, a.nufft_eps_slicing, p.real,
-                                self.cfg.runtime.threads_per_rank)
-        dirs = direction_quaternions(fibonacci_directions(n_dir))
-        batch = max(1, min(n_dir, p.orientation_batch * pos.shape[1] // pg.n_points))
+        pg, polar, dirs, batch = self._polar_setup(model_ac, positions, None)
         return match_polar_distributed(
             self.comm, to_host(images), pg, polar, dirs, batch, a.scale_per_image,
             a.match_transform, min(p.image_batch, 512), p.real, a.polar_candidates,
