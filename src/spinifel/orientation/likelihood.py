@@ -288,18 +288,16 @@ def _sort_desc(scores: Any, idx: Any) -> tuple[Any, Any]:
     return xp.take_along_axis(scores, order, 1), xp.take_along_axis(idx, order, 1)
 
 
-def _top_k(scores: Any, idx: Any, k: int) -> tuple[Any, Any]:
-    """Per row the ``k`` largest scores, best first, ties to the lower index (``k = 1``: the
-    running best in column 0, then one batch in ascending index order)."""
+def _running_best(scores: Any, idx: Any) -> tuple[Any, Any]:
+    """Per row the largest score, ties to the lower index (hard assignment): column 0 is
+    the running best (index -1 when none), the rest one batch in ascending index order."""
     xp = get_array_module(scores)
-    if k == 1:
-        # argmax takes the first maximum of the batch, then an explicit tie rule
-        j = xp.argmax(scores[:, 1:], axis=1)[:, None] + 1
-        s_new, i_new = xp.take_along_axis(scores, j, 1), xp.take_along_axis(idx, j, 1)
-        s_old, i_old = scores[:, :1], idx[:, :1]
-        better = (s_new > s_old) | ((s_new == s_old) & ((i_new < i_old) | (i_old < 0)))
-        return xp.where(better, s_new, s_old), xp.where(better, i_new, i_old)
-    return _sort_desc(*_largest(scores, idx, k))
+    # argmax takes the first maximum of the batch, then an explicit tie rule
+    j = xp.argmax(scores[:, 1:], axis=1)[:, None] + 1
+    s_new, i_new = xp.take_along_axis(scores, j, 1), xp.take_along_axis(idx, j, 1)
+    s_old, i_old = scores[:, :1], idx[:, :1]
+    better = (s_new > s_old) | ((s_new == s_old) & ((i_new < i_old) | (i_old < 0)))
+    return xp.where(better, s_new, s_old), xp.where(better, i_new, i_old)
 
 
 def _largest(scores: Any, idx: Any, k: int) -> tuple[Any, Any]:
@@ -406,8 +404,9 @@ class PosteriorState:
         k = self.top_scores.shape[1]
         if k == 1:  # the hard assignment: the exact tie rule, column 0 sorted
             idx = xp.broadcast_to(xp.arange(offset, offset + b, dtype=np.int64), (n, b))
-            top_s, top_i = _top_k(xp.concatenate([self.top_scores[rows], scores], axis=1),
-                                  xp.concatenate([self.top_index[rows], idx], axis=1), 1)
+            top_s, top_i = _running_best(
+                xp.concatenate([self.top_scores[rows], scores], axis=1),
+                xp.concatenate([self.top_index[rows], idx], axis=1))
         else:  # unordered while streaming; finalize sorts once
             floor = (None if not np.isfinite(self.log_never_kept)
                      else (m_new + self.log_never_kept) / self.beta)
