@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spinifel.geometry.detector import flat_detector_positions, photon_energy_to_wavelength
+from spinifel.geometry.detector import photon_energy_to_wavelength
 from spinifel.geometry.orientations import (
     angle_between,
     quaternion_to_matrix,
@@ -36,15 +36,9 @@ from spinifel.phasing.algorithms import autocorrelation_from_density
 def _problem(n_pixels=32, M=21, seed=3):
     """A random compact density's autocorrelation and a flat 6 keV detector (the bench's
     synthetic problem at a small size)."""
-    rng = np.random.default_rng(seed)
-    idx = np.indices((M, M, M)) - (M - 1) / 2
-    rho = np.zeros((M, M, M))
-    for c in rng.uniform(-M / 8, M / 8, (12, 3)):
-        rho += np.exp(-((idx - c[:, None, None, None]) ** 2).sum(0) / 2.0)
-    ac = autocorrelation_from_density(rho)
-    pos = flat_detector_positions(n_pixels, 1.5e-3 * 64 / n_pixels, 0.2,
-                                  photon_energy_to_wavelength(6000.0)).reshape(-1, 3).T
-    return ac, pos, float(np.linalg.norm(pos, axis=0).max())
+    from spinifel.bench.runner import synthetic_model
+
+    return synthetic_model(M, n_pixels, np.random.default_rng(seed))
 
 
 def _grid_step(n_dir, n_psi):

@@ -59,11 +59,12 @@ def _fft_pair(n: int, workers: int, dtype=np.float64) -> float:
     return _clock(pair, 3)
 
 
-def synthetic_problem(M: int, n_pixels: int, n_images: int, seed: int, dtype) -> dict:
-    """A random compact density's autocorrelation, a flat detector and exact model images."""
+def synthetic_model(M: int, n_pixels: int, rng: np.random.Generator
+                    ) -> tuple[np.ndarray, np.ndarray, float]:
+    """A random compact density's autocorrelation ``(M, M, M)``, the reciprocal positions
+    ``(3, n_pixels^2)`` of a flat 6 keV detector and their largest ``|s|`` (draws from ``rng``)."""
     from spinifel.geometry.detector import flat_detector_positions, photon_energy_to_wavelength
 
-    rng = np.random.default_rng(seed)
     idx = np.indices((M, M, M)) - (M - 1) / 2
     rho = np.zeros((M, M, M))
     for c in rng.uniform(-M / 8, M / 8, (12, 3)):
@@ -71,7 +72,13 @@ def synthetic_problem(M: int, n_pixels: int, n_images: int, seed: int, dtype) ->
     ac = autocorrelation_from_density(rho)
     pos = flat_detector_positions(n_pixels, 1.5e-3 * 64 / n_pixels, 0.2,
                                   photon_energy_to_wavelength(6000.0)).reshape(-1, 3).T
-    extent = float(np.linalg.norm(pos, axis=0).max())
+    return ac, pos, float(np.linalg.norm(pos, axis=0).max())
+
+
+def synthetic_problem(M: int, n_pixels: int, n_images: int, seed: int, dtype) -> dict:
+    """A random compact density's autocorrelation, a flat detector and exact model images."""
+    rng = np.random.default_rng(seed)
+    ac, pos, extent = synthetic_model(M, n_pixels, rng)
     q = random_quaternions(n_images, rng)
     images = Slicer(ac, pos, extent, 1e-6, dtype).slices(q)
     return {"ac": ac, "positions": pos, "extent": extent, "quaternions": q, "images": images}
