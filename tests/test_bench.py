@@ -29,6 +29,7 @@ def test_bench_small_case(tmp_path, capsys):
     assert me["speedup_vs_first"][0] == 1.0
     # the Poisson path: likelihood against its GEMMs, the probabilistic merge per kept count
     assert "likelihood" in text and r["likelihood"]["limit_seconds"] > 0
+    assert r["likelihood_k512_beta0.001"]["kept"] == 512
     for k in (1, 8, 64):
         pm = r[f"probabilistic_merge_k{k}"]
         assert pm["kept_pairs"] == 40 * k and 0 < pm["active_orientations"] <= min(40 * k, 200)
@@ -102,6 +103,27 @@ def test_bench_compare_cli(tmp_path, capsys):
     # synthetic exact model images at random orientations: near-ties are possible between
     # neighbouring grid slices, but the peers solve the same float32 problem
     assert cmp["faiss"]["agreement"] >= 0.9 and cmp["sklearn"]["agreement"] >= 0.9
+
+
+def test_bench_poisson_only(tmp_path, capsys):
+    """Catches --poisson-only losing the likelihood cases or the merge cost per kept
+    orientation that docs/performance.md is generated from."""
+    out = tmp_path / "p.json"
+    assert main(["bench", "--poisson-only", "--images-per-rank", "30", "--pixels", "16",
+                 "--M", "15", "--orientations", "300", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "--poisson-only" in text and "per active orientation" in text
+    d = json.loads(out.read_text())
+    r = d["ranks"][0]
+    assert "commit" in d and d["args"]["photons"] == 1000.0
+    cases = {(v["kept"], v["beta"]) for k, v in r.items() if k.startswith("likelihood")}
+    assert cases == {(64, 1.0), (1, 1.0), (512, 1.0), (512, 1e-3)}
+    for k, v in r.items():
+        if k.startswith("likelihood"):
+            assert v["seconds"] > 0 and v["limit_seconds"] > 0 and v["fraction_of_limit"] > 0
+    for k in (1, 8, 64):
+        pm = r[f"probabilistic_merge_k{k}"]
+        assert pm["kept_pairs"] == 30 * k and pm["seconds_per_active_orientation"] > 0
 
 
 def test_bench_polar_only(tmp_path, capsys):

@@ -8,6 +8,7 @@ import pytest
 from spinifel.errors import DatasetError
 from spinifel.orientation.likelihood import (
     PosteriorState,
+    _fold_top_k,
     beta_schedule,
     log_slices,
     photon_counts,
@@ -116,6 +117,33 @@ def test_streaming_equals_unbatched(rng, batch, image_batch):
         assert np.allclose(getattr(got, f), getattr(ref, f), rtol=1e-9, atol=1e-12), f
 
 
+@pytest.mark.parametrize("k,batch", [(3, 1), (3, 4), (3, 7), (8, 5), (8, 40), (8, 17)])
+def test_buffered_top_k_holds_the_k_largest(rng, k, batch):
+    """Catches the streaming top-k buffer losing an entry: a compaction that keeps fewer than
+    k, a wrong fill count after a whole-batch merge (batch > 2k), an append at the wrong
+    position. Brute force: the k largest of all scores by a full sort."""
+    n, J = 30, 120
+    scores = rng.normal(size=(n, J))
+    scores[:, ::7] = scores[:, 3:4]  # some exact ties inside a row: a tie is kept or not
+    top_s = np.full((n, 2 * k), -np.inf)
+    top_i = np.full((n, 2 * k), -1, dtype=np.int64)
+    fill, bar = np.zeros(n, dtype=np.int64), np.full(n, -np.inf)
+    for a in range(0, J, batch):
+        _fold_top_k(top_s, top_i, fill, bar, scores[:, a:a + batch], a, k)
+        assert np.all(fill <= 2 * k)
+        # the buffer holds exactly its fill entries, each with its own score
+        assert np.all(np.isfinite(top_s) == (np.arange(2 * k)[None, :] < fill[:, None]))
+        ok = top_i >= 0
+        assert np.array_equal(top_s[ok], scores[np.nonzero(ok)[0], top_i[ok]])
+    kth = -np.sort(-scores, axis=1)[:, k - 1]
+    for i in range(n):
+        kept = top_s[i][np.isfinite(top_s[i])]
+        # every score above the k-th largest is in the buffer, and the k-th value itself
+        assert np.sum(kept > kth[i]) == np.sum(scores[i] > kth[i])
+        assert np.sum(kept >= kth[i]) >= k
+        assert len(set(top_i[i][top_i[i] >= 0])) == fill[i]  # no orientation twice
+
+
 @pytest.mark.parametrize("beta,mass", [(0.05, 0.99), (1.0, 0.999), (1.0, 0.9)])
 def test_pruning_never_changes_the_posterior(rng, beta, mass):
     """Catches the pruning of improbable scores (``n_orientations`` given) dropping an
@@ -169,6 +197,23 @@ def test_hard_assignment_is_argmax_with_ties_to_lower_index(rng):
     L = poisson_scores(images, log_w, sums, fluence=fluence)
     assert np.array_equal(post.indices[:, 0], L.argmax(1))
     assert np.all(post.weights[:, 0] == 1.0) and np.all(post.n_kept == 1)
+
+
+def test_top_k_ties_go_to_the_lower_index(rng):
+    """Catches the kept orientations of k > 1 not in (descending score, ascending index)
+    order when scores tie exactly (a grid with repeated slices): the brute force is a
+    lexicographic sort of the dense scores."""
+    images, slices = _problem(rng)
+    slices = np.concatenate([slices, slices[::-1]])  # every score appears twice: exact ties
+    fluence = rng.uniform(0.5, 2.0, images.shape[0])
+    k = 6
+    post = score_orientations(images, reversed(list(_batches(slices, 7))), beta=1e-3,
+                              max_kept=k, posterior_mass=1.0, fluence=fluence, image_batch=4)
+    log_w, sums = log_slices(slices)
+    L = poisson_scores(images, log_w, sums, fluence=fluence)
+    J = L.shape[1]
+    ref = np.lexsort((np.broadcast_to(np.arange(J), L.shape), -L), axis=1)[:, :k]
+    assert np.array_equal(post.indices, ref)
 
 
 def test_beta_schedule_geometric_ramp():

@@ -265,10 +265,10 @@ def run_bench(comm: Any, *, images_per_rank: int, n_pixels: int, M: int, n_orien
     out["merge_eps"] = merge_eps_bench(comm, images, quats, pos, extent, M, threads)
 
     # the Poisson path: likelihood score vs its GEMMs; probabilistic merge vs the hard one
-    from spinifel.bench.poisson import likelihood_bench, merge_bench, photon_images
+    from spinifel.bench.poisson import likelihood_cases, merge_bench, photon_images
 
     counts = photon_images(images, 1000.0, seed + rank)
-    out["likelihood"] = likelihood_bench(counts, batches)
+    out.update(likelihood_cases(counts, batches))
     out.update(merge_bench(comm, counts, grid, pos, extent, M, threads,
                            out["merge_nufft"]["seconds"], seed=seed + rank))
 
@@ -351,6 +351,36 @@ def run_polar_bench(comm: Any, *, images_per_rank: int, n_pixels: int, M: int,
     dtype = np.float32 if precision == "single" else np.float64
     prob = synthetic_problem(M, n_pixels, images_per_rank, seed + comm.Get_rank(), dtype)
     return {"polar_search": _polar_case(comm, prob, n_orientations, dtype, threads, seed, polar)}
+
+
+def run_poisson_bench(comm: Any, *, images_per_rank: int, n_pixels: int, M: int,
+                      n_orientations: int, precision: str = "single", threads: int = 1,
+                      photons: float = 1000.0, orientation_batch: int = 500,
+                      seed: int = 0) -> dict:
+    """Only the Poisson path on this rank's synthetic data (collective): the likelihood score
+    at each case of :data:`spinifel.bench.poisson.LIKELIHOOD_CASES` against its GEMMs, and the
+    probabilistic merge at 1, 8 and 64 kept per image against the hard merge's NUFFTs."""
+    from spinifel.bench.poisson import likelihood_cases, merge_bench, photon_images
+
+    dtype = np.float32 if precision == "single" else np.float64
+    rank = comm.Get_rank()
+    prob = synthetic_problem(M, n_pixels, images_per_rank, seed + rank, dtype)
+    pos, extent = prob["positions"], prob["extent"]
+    grid = orientation_grid(n_orientations)
+    slicer = Slicer(prob["ac"], pos, extent, 1e-4, dtype, threads)
+    batches = list(slicer.iter_batches(grid, orientation_batch))
+    counts = photon_images(prob["images"], photons, seed + rank)
+    out: dict[str, dict] = likelihood_cases(counts, batches)
+    timings: dict = {}
+    accumulate_normal_equations(comm, counts, prob["quaternions"], pos, extent, M, None, 1e-6,
+                                threads, 1024, timings)
+    out["merge_nufft"] = {"seconds": timings["merge_nufft"], "limit_seconds": None}
+    out.update(merge_bench(comm, counts, grid, pos, extent, M, threads,
+                           timings["merge_nufft"], seed=seed + rank))
+    for v in out.values():
+        if v.get("limit_seconds"):
+            v["fraction_of_limit"] = v["limit_seconds"] / v["seconds"]
+    return out
 
 
 def format_polar(r: dict) -> str:

@@ -35,6 +35,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--polar-only", action="store_true",
                         help="only the polar search case (e.g. the paper's per-node setting: "
                              "--pixels 128 --M 81 --orientations 1200000 --images-per-rank 500)")
+    parser.add_argument("--poisson-only", action="store_true",
+                        help="only the Poisson path: the likelihood score against its GEMMs "
+                             "(kept x beta cases) and the probabilistic merge (e.g. the "
+                             "photon-limited shape: --pixels 64 --M 51 --orientations 5000 "
+                             "--images-per-rank 2500)")
     parser.add_argument("--polar-n-psi", type=int, default=0,
                         help="in-plane angles of the polar search (0 = auto)")
     parser.add_argument("--polar-candidates", type=int, default=2,
@@ -47,8 +52,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                              "are compared (-1 = all, 0 = no comparison)")
     parser.add_argument("--agreement-images", type=int, default=0,
                         help="images of that comparison (0 = images per rank)")
-    parser.add_argument("--photons", type=float, default=1e4,
-                        help="photons per image of the comparison's Poisson images")
+    parser.add_argument("--photons", type=float, default=None,
+                        help="photons per image of the polar comparison's Poisson images "
+                             "(default 1e4) or, with --poisson-only, of its count images "
+                             "(default 1000)")
     parser.add_argument("--json", help="write the measurements (every rank's) to this file")
     parser.add_argument("--plot", help="write the per-stage breakdown (rank 0) to this PNG")
     parser.add_argument("--compare", action="store_true",
@@ -76,6 +83,8 @@ def main(args: argparse.Namespace) -> int:
     comm = collective_ctx.comm
     if args.polar_only:
         return _polar_only(args, comm, collective_ctx, threads)
+    if args.poisson_only:
+        return _poisson_only(args, comm, collective_ctx, threads)
     res = run_bench(comm, images_per_rank=args.images_per_rank, n_pixels=args.pixels, M=args.M,
                     n_orientations=args.orientations, precision=args.precision,
                     threads=args.threads,
@@ -133,22 +142,64 @@ def _polar_settings(args: argparse.Namespace) -> dict:
     sub = n_dir if args.agreement_directions < 0 else args.agreement_directions
     return {"n_psi": args.polar_n_psi, "candidates": args.polar_candidates,
             "batch": args.polar_batch, "agreement_directions": sub,
-            "agreement_images": args.agreement_images, "photons": args.photons}
+            "agreement_images": args.agreement_images,
+            "photons": 1e4 if args.photons is None else args.photons}
+
+
+def _commit() -> str:
+    """The commit of the code that runs (read before the run; "" outside a git checkout)."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
+def _poisson_only(args: argparse.Namespace, comm, ctx, threads: dict) -> int:
+    """``--poisson-only``: the likelihood and probabilistic-merge entries alone."""
+    import os
+
+    from spinifel.bench.runner import format_table, run_poisson_bench
+    from spinifel.parallel.collectives import allgather_objects
+
+    commit = _commit()
+    photons = 1000.0 if args.photons is None else args.photons
+    res = run_poisson_bench(comm, images_per_rank=args.images_per_rank, n_pixels=args.pixels,
+                            M=args.M, n_orientations=args.orientations,
+                            precision=args.precision, threads=args.threads, photons=photons)
+    every = allgather_objects(comm, res)
+    if ctx.is_root:
+        head = (f"spinifel-mpi bench --poisson-only: {comm.Get_size()} rank(s), "
+                f"{args.images_per_rank} images/rank of {args.pixels}x{args.pixels}, "
+                f"{photons:g} photons/image, M={args.M}, {args.orientations} orientations, "
+                f"{args.precision}; BLAS: {', '.join(threads['blas'])}")
+        print(format_table(every[0], head))
+        for name, v in every[0].items():
+            if name.startswith("probabilistic_merge"):
+                print(f"{name}: {v['seconds_per_active_orientation'] * 1e3:.3f} ms per active "
+                      f"orientation ({v['active_orientations']}), "
+                      f"{v['seconds_per_kept_pair'] * 1e6:.2f} us per kept pair, "
+                      f"{v['ratio_to_hard_merge']:.2f}x the hard merge's NUFFTs")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args) | {"_module": None, "_needs_mpi": None,
+                                                 "photons": photons},
+                           "blas": threads["blas"], "commit": commit,
+                           "load_average": os.getloadavg(), "ranks": every}, f, indent=2,
+                          default=str)
+    return 0
 
 
 def _polar_only(args: argparse.Namespace, comm, ctx, threads: dict) -> int:
     """``--polar-only``: the polar search case alone; JSON like the full bench's."""
     import os
-    import subprocess
 
     from spinifel.bench.runner import format_polar, run_polar_bench
     from spinifel.parallel.collectives import allgather_objects
 
-    try:  # the commit of the code that runs (read before the run)
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
+    commit = _commit()
     res = run_polar_bench(comm, images_per_rank=args.images_per_rank, n_pixels=args.pixels,
                           M=args.M, n_orientations=args.orientations, precision=args.precision,
                           threads=args.threads, polar=_polar_settings(args))
