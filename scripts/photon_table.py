@@ -93,16 +93,63 @@ HEADER = ("| run | data | images | score | M | beta_start | kept cap | refine ro
           "|" + " --- |" * 20)
 
 
+# the issue's table: per photon count the Poisson example config and today's hard engine
+SUMMARY_ROWS = [("500", "p500_n5000_refine_example", "p500_n5000_hard_euclidean_defaults"),
+                ("1,000", "p1000_n5000_refine_example", "p1000_n5000_hard_euclidean_defaults"),
+                ("2,000", "p2000_n5000_refine_example", "p2000_n5000_hard_euclidean_defaults"),
+                ("5,000", "p5000_n5000_refine_example", "p5000_n5000_hard_euclidean_defaults"),
+                ("10,000", "p10000_n5000_refine_example", "p10000_n5000_euclidean_defaults"),
+                ("2,000 + jitter 0.5, background 0.05, 4-row gap",
+                 "p2000_jitter_bg_gap_n5000_refine_example", None)]
+
+SUMMARY_HEADER = ("| photons per image | engine | run | generations | density CC | FSC 0.5 | "
+                  "FSC 0.143 | median error (deg) | p90 (deg) | minutes (sum of stage times) | "
+                  "commit |\n|" + " --- |" * 11)
+
+
+def summary_row(photons: str, engine: str, run: Path) -> str:
+    """One line of the summary table; "not run" when the run's folder is absent."""
+    if not (run / "metrics.json").is_file():
+        return f"| {photons} | {engine} | `{run.name}` | not run | | | | | | | |"
+    m = json.loads((run / "metrics.json").read_text())
+    gens = m["generations"]
+    ev = gens[-1].get("evaluation") or {}
+    oe = ev.get("orientation_error_deg") or {}
+    seconds = sum(sum(v for v in g["timings"].values() if v) for g in gens)
+    prov = run / "provenance.json"
+    commit = json.loads(prov.read_text())["commit"] if prov.is_file() else "see text"
+    return (f"| {photons} | {engine} | `{run.name}` | {len(gens)}/{m['n_generations']} | "
+            f"{_f(ev.get('density_correlation'), '.3f')} | {_res(ev, '0p5')} | "
+            f"{_res(ev, '0p143')} | {_f(oe.get('median'), '.1f')} | {_f(oe.get('p90'), '.1f')} | "
+            f"{seconds / 60:.0f} | {commit} |")
+
+
+def summary(folder: Path) -> str:
+    lines = [SUMMARY_HEADER]
+    for photons, poisson, hard in SUMMARY_ROWS:
+        lines.append(summary_row(photons, "Poisson (examples/photon_limited.toml)",
+                                 folder / poisson))
+        if hard:
+            lines.append(summary_row(photons, "hard, Euclidean defaults (M = 51)", folder / hard))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("folder", type=Path)
     p.add_argument("--update", type=Path, nargs="*", default=[])
     p.add_argument("--block", default="photon",
                    help="marker name: the table replaces <!-- results:NAME --> .. <!-- /results:NAME -->")
+    p.add_argument("--summary", action="store_true",
+                   help="the per-photon-count table (Poisson example vs hard engine) instead "
+                        "of every run")
     args = p.parse_args(argv)
     begin, end = f"<!-- results:{args.block} -->", f"<!-- /results:{args.block} -->"
     runs = sorted(d for d in args.folder.iterdir() if (d / "metrics.json").is_file())
-    text = HEADER + "\n" + "\n".join(row(r) for r in runs)
+    if args.summary:
+        text = summary(args.folder)
+    else:
+        text = HEADER + "\n" + "\n".join(row(r) for r in runs)
     for path in args.update:
         doc = path.read_text()
         pat = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)

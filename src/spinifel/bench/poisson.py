@@ -104,10 +104,12 @@ def random_posterior(n: int, n_grid: int, kept: int, rng: np.random.Generator) -
 
 def merge_bench(comm: Any, counts: np.ndarray, grid: np.ndarray, positions: np.ndarray,
                 extent: float, M: int, threads: int, hard_seconds: float,
-                kept_values: tuple[int, ...] = (1, 8, 64), seed: int = 0) -> dict:
+                kept_values: tuple[int, ...] = (1, 8, 64), seed: int = 0,
+                eps: float = 1e-6) -> dict:
     """The probabilistic merge at several numbers kept per image (collective over ``comm``).
 
-    ``hard_seconds`` is the hard merge's NUFFT time of the same images (the reference).
+    ``hard_seconds`` is the hard merge's NUFFT time of the same images at the same ``eps``
+    (the reference).
     Returns one entry per value of ``kept``: ``probabilistic_merge_k{kept}``.
     """
     out = {}
@@ -118,11 +120,12 @@ def merge_bench(comm: Any, counts: np.ndarray, grid: np.ndarray, positions: np.n
         active = len(np.unique(post.indices))
         timings: dict = {}
         accumulate_posterior_normal_equations(comm, counts, post, grid, positions, extent, M,
-                                              None, 1e-6, threads, 1024, timings)
+                                              None, eps, threads, 1024, timings)
         sec = timings["merge_nufft"]
         out[f"probabilistic_merge_k{k}"] = {
             "seconds": sec, "limit_seconds": None, "hard_merge_seconds": hard_seconds,
             "ratio_to_hard_merge": sec / hard_seconds, "kept_per_image": int(k),
             "kept_pairs": int(n * k), "active_orientations": active,
-            "seconds_per_kept_pair": sec / (n * k), "seconds_per_active_orientation": sec / active}
+            "seconds_per_kept_pair": sec / (n * k), "seconds_per_active_orientation": sec / active,
+            "eps": eps}
     return out

@@ -356,10 +356,11 @@ def run_polar_bench(comm: Any, *, images_per_rank: int, n_pixels: int, M: int,
 def run_poisson_bench(comm: Any, *, images_per_rank: int, n_pixels: int, M: int,
                       n_orientations: int, precision: str = "single", threads: int = 1,
                       photons: float = 1000.0, orientation_batch: int = 500,
-                      seed: int = 0) -> dict:
+                      seed: int = 0, merge_eps: float = 1e-4) -> dict:
     """Only the Poisson path on this rank's synthetic data (collective): the likelihood score
     at each case of :data:`spinifel.bench.poisson.LIKELIHOOD_CASES` against its GEMMs, and the
-    probabilistic merge at 1, 8 and 64 kept per image against the hard merge's NUFFTs."""
+    probabilistic merge at 1, 8 and 64 kept per image against the hard merge's NUFFTs (both
+    at ``merge_eps``, the default ``algorithm.nufft_eps_merge``)."""
     from spinifel.bench.poisson import likelihood_cases, merge_bench, photon_images
 
     dtype = np.float32 if precision == "single" else np.float64
@@ -372,11 +373,12 @@ def run_poisson_bench(comm: Any, *, images_per_rank: int, n_pixels: int, M: int,
     counts = photon_images(prob["images"], photons, seed + rank)
     out: dict[str, dict] = likelihood_cases(counts, batches)
     timings: dict = {}
-    accumulate_normal_equations(comm, counts, prob["quaternions"], pos, extent, M, None, 1e-6,
-                                threads, 1024, timings)
-    out["merge_nufft"] = {"seconds": timings["merge_nufft"], "limit_seconds": None}
+    accumulate_normal_equations(comm, counts, prob["quaternions"], pos, extent, M, None,
+                                merge_eps, threads, 1024, timings)
+    out["merge_nufft"] = {"seconds": timings["merge_nufft"], "limit_seconds": None,
+                          "eps": merge_eps}
     out.update(merge_bench(comm, counts, grid, pos, extent, M, threads,
-                           timings["merge_nufft"], seed=seed + rank))
+                           timings["merge_nufft"], seed=seed + rank, eps=merge_eps))
     for v in out.values():
         if v.get("limit_seconds"):
             v["fraction_of_limit"] = v["limit_seconds"] / v["seconds"]

@@ -162,13 +162,16 @@ def _poisson_only(args: argparse.Namespace, comm, ctx, threads: dict) -> int:
     import os
 
     from spinifel.bench.runner import format_table, run_poisson_bench
+    from spinifel.config import load_config
     from spinifel.parallel.collectives import allgather_objects
 
     commit = _commit()
     photons = 1000.0 if args.photons is None else args.photons
+    merge_eps = load_config(None).algorithm.nufft_eps_merge  # the runs' default
     res = run_poisson_bench(comm, images_per_rank=args.images_per_rank, n_pixels=args.pixels,
                             M=args.M, n_orientations=args.orientations,
-                            precision=args.precision, threads=args.threads, photons=photons)
+                            precision=args.precision, threads=args.threads, photons=photons,
+                            merge_eps=merge_eps)
     every = allgather_objects(comm, res)
     if ctx.is_root:
         head = (f"spinifel-mpi bench --poisson-only: {comm.Get_size()} rank(s), "

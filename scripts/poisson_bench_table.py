@@ -1,0 +1,79 @@
+#!/usr/bin/env python3
+"""Write the Poisson path's benchmark numbers into docs/performance.md from its JSON.
+
+Usage::
+
+    python scripts/poisson_bench_table.py docs/data/bench/poisson.json [--update docs/performance.md]
+
+The JSON is written by ``spinifel-mpi bench --poisson-only ... --json FILE``. Text goes between
+``<!-- results:poisson_bench -->`` and ``<!-- /results:poisson_bench -->``; every number comes
+from the JSON (per rank: the likelihood cases against their bare GEMMs, and the probabilistic
+merge's cost per active orientation and per kept pair). Nothing is typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+BEGIN, END = "<!-- results:poisson_bench -->", "<!-- /results:poisson_bench -->"
+
+
+def table(path: Path) -> str:
+    d = json.loads(path.read_text())
+    a, ranks = d["args"], d["ranks"]
+    cmd = (f"mpiexec -n {len(ranks)} spinifel-mpi bench --poisson-only --images-per-rank "
+           f"{a['images_per_rank']} --pixels {a['pixels']} --M {a['M']} --orientations "
+           f"{a['orientations']}")
+    load = ", ".join(f"{x:.1f}" for x in d.get("load_average", []))
+    out = [f"`{cmd}` (commit {d.get('commit', '?')}; {a['photons']:g} photons per image; "
+           f"BLAS {', '.join(d.get('blas', []))}; load average at the end {load} on 2 cores; "
+           f"`{path.as_posix()}`). Per rank: ours = log-slices, GEMM, fluence term and "
+           "streaming posterior (best of 2); limit = the bare float32 GEMMs `K @ log(W)^T` "
+           "(best of 2); fraction = limit / ours.", "",
+           "| case | kept per image | beta | " + " | ".join(
+               f"rank {r} s (limit s, fraction)" for r in range(len(ranks))) + " |",
+           "|" + " --- |" * (3 + len(ranks))]
+    for name, v in ranks[0].items():
+        if not name.startswith("likelihood"):
+            continue
+        cells = [f"{r[name]['seconds']:.2f} ({r[name]['limit_seconds']:.2f}, "
+                 f"{r[name]['fraction_of_limit']:.2f})" for r in ranks]
+        out.append(f"| `{name}` | {v['kept']} | {v['beta']:g} | " + " | ".join(cells) + " |")
+    eps = ranks[0]["merge_nufft"].get("eps", 1e-6)
+    out += ["", f"Probabilistic merge (both type-1 NUFFTs of every active orientation, eps {eps:g}, "
+            "random posteriors with the given number kept per image), against the hard merge's "
+            "NUFFTs of the same images:", "",
+            "| kept per image | rank | active orientations | seconds | ms per active orientation "
+            "| us per kept pair | x hard merge |", "|" + " --- |" * 7]
+    for name in sorted((k for k in ranks[0] if k.startswith("probabilistic_merge")),
+                       key=lambda k: ranks[0][k]["kept_per_image"]):
+        for r, rk in enumerate(ranks):
+            v = rk[name]
+            out.append(f"| {v['kept_per_image']} | {r} | {v['active_orientations']} | "
+                       f"{v['seconds']:.2f} | {1e3 * v['seconds_per_active_orientation']:.2f} | "
+                       f"{1e6 * v['seconds_per_kept_pair']:.2f} | "
+                       f"{v['ratio_to_hard_merge']:.2f} |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("json", type=Path)
+    p.add_argument("--update", type=Path, nargs="*", default=[])
+    args = p.parse_args(argv)
+    text = table(args.json)
+    for path in args.update:
+        doc = path.read_text()
+        pat = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+        if not pat.search(doc):
+            raise SystemExit(f"{path}: no {BEGIN} markers")
+        path.write_text(pat.sub(lambda _: f"{BEGIN}\n{text}\n{END}", doc, count=1))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
