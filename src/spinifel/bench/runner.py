@@ -318,7 +318,8 @@ def plot_breakdown(results: dict, path: str, title: str) -> None:
 
 
 def format_table(results: dict, header: str) -> str:
-    lines = [header, f"{'stage':<18}{'seconds':>10}{'limit s':>10}{'fraction':>10}  rate"]
+    width = max([18] + [len(k) + 2 for k, v in results.items() if "seconds" in v])
+    lines = [header, f"{'stage':<{width}}{'seconds':>10}{'limit s':>10}{'fraction':>10}  rate"]
     for name, v in results.items():
         if "seconds" not in v:
             continue
@@ -327,7 +328,7 @@ def format_table(results: dict, header: str) -> str:
         rate = f"{v['rate']:.3g} {v['unit']}" if "rate" in v else ""
         if "limit_rate" in v:
             rate += f" (limit {v['limit_rate']:.3g})"
-        lines.append(f"{name:<18}{v['seconds']:>10.4f}{(lim if lim else float('nan')):>10.4f}"
+        lines.append(f"{name:<{width}}{v['seconds']:>10.4f}{(lim if lim else float('nan')):>10.4f}"
                      f"{(frac if frac else float('nan')):>10.2f}  {rate}")
     return "\n".join(lines)
 
