@@ -36,6 +36,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # The demo's detector (spinifel.commands.demo.DEMO_SIM) and search grid.
 SIM = ["--builtin", "--pixels", "32", "--pixel-size", "3e-3", "--M", "31", "--no-plot"]
+
+
+def sim_args(pixels: int) -> list[str]:
+    """The demo's detector with ``pixels`` per side over the same area (same |s| range)."""
+    if pixels == 32:
+        return list(SIM)
+    return ["--builtin", "--pixels", str(pixels), "--pixel-size", f"{3e-3 * 32 / pixels:.6g}",
+            "--M", "31", "--no-plot"]
 RUN_SETTINGS = {"algorithm.generations": 2, "algorithm.refine_generations": 1,
                 "algorithm.n_orientations": 5000, "algorithm.n_phase_loops": 1,
                 "algorithm.n_er": 5, "algorithm.n_hio": 5, "algorithm.n_final_er": 5,
@@ -79,17 +87,20 @@ def measure(args: argparse.Namespace) -> None:
     extra = dict(kv.split("=", 1) for kv in args.set)
     extra = {k: json.loads(v) for k, v in extra.items()}
     datasets: dict[int, Path] = {}
+    sim = sim_args(args.pixels)
     for case in args.case:
         M, n = (int(x) for x in case.split(":"))
         if n not in datasets:
-            datasets[n] = work / f"demo_n{n}.h5"
+            px = "" if args.pixels == 32 else f"_px{args.pixels}"
+            datasets[n] = work / f"demo_n{n}{px}.h5"
             if not datasets[n].exists():
                 subprocess.run([str(bin_dir / "mpiexec"), "-n", str(args.ranks),
                                 str(bin_dir / "python"), "-m", "spinifel", "simulate", "--out",
-                                str(datasets[n]), "--n-images", str(n), *SIM], check=True,
+                                str(datasets[n]), "--n-images", str(n), *sim], check=True,
                                capture_output=True)
         rec = measure_case(M, n, args.ranks, datasets[n], work, bin_dir, extra)
-        rec["simulate"] = shlex.join(["spinifel-mpi", "simulate", "--n-images", str(n), *SIM])
+        rec["simulate"] = shlex.join(["spinifel-mpi", "simulate", "--n-images", str(n), *sim])
+        rec["pixels"] = args.pixels
         tag = args.tag and f"_{args.tag}"
         name = args.folder / f"M{M}_n{n}_r{args.ranks}{tag}.json"
         name.write_text(json.dumps(rec, indent=1) + "\n")
@@ -119,15 +130,15 @@ def reestimate(args: argparse.Namespace) -> None:
               f"{rec['estimate_now']['peak_over_estimate']:.2f}", flush=True)
 
 
-HEADER = ("| M | images | ranks | lambdas | measured peak RSS per rank (MiB) | estimate when "
+HEADER = ("| M | pixels | images | ranks | lambdas | measured peak RSS per rank (MiB) | estimate when "
           "measured (MiB, largest rank) | peak / that estimate | estimate now (MiB) | peak / "
           "estimate now | commits (measured / estimate now) |\n"
-          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
 def table(folder: Path) -> str:
     recs = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
-    recs.sort(key=lambda r: (r["M"], r["n_images"], r["ranks"],
+    recs.sort(key=lambda r: (r.get("pixels", 32), r["M"], r["n_images"], r["ranks"],
                              len(r["settings"].get("algorithm.lambdas", [0]))))
     rows = []
     for r in recs:
@@ -135,7 +146,8 @@ def table(folder: Path) -> str:
         lams = r["settings"].get("algorithm.lambdas", [0.1])
         est_now = (f"{now['estimate_rank0_mib']:.0f} | {now['peak_over_estimate']:.2f}"
                    if now else "- | -")
-        rows.append(f"| {r['M']} | {r['n_images']} | {r['ranks']} | {len(lams)} | "
+        rows.append(f"| {r['M']} | {r.get('pixels', 32)}x{r.get('pixels', 32)} | "
+                    f"{r['n_images']} | {r['ranks']} | {len(lams)} | "
                     + ", ".join(f"{v:.0f}" for v in mem["peak_rss_per_rank_mib"])
                     + f" | {mem['estimate_max_mib']:.0f} | {mem['peak_over_estimate']:.2f} | "
                     f"{est_now} | {r['commit']} / {now['commit'] if now else '-'} |")
@@ -153,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                    help="extra run setting, e.g. algorithm.lambdas=[1e-3,1e-2,1e-1]")
     m.add_argument("--tag", default="", help="suffix of the JSON names")
+    m.add_argument("--pixels", type=int, default=32,
+                   help="detector side in pixels (the demo's area; default the demo's 32)")
     e = sub.add_parser("reestimate", help="add the current code's estimate to each JSON")
     e.add_argument("folder", type=Path)
     e.add_argument("--work", required=True, help="the scratch folder of `measure` (datasets)")

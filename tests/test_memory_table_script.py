@@ -46,7 +46,7 @@ def test_table_rows_and_markers(tmp_path):
                             "commit": "def5678"}}
     (tmp_path / "a.json").write_text(json.dumps(rec))
     text = mod.table(tmp_path)
-    assert "| 51 | 100 | 2 | 2 | 300, 290 | 100 | 3.00 | 310 | 0.97 | abc1234 / def5678 |" in text
+    assert "| 51 | 32x32 | 100 | 2 | 2 | 300, 290 | 100 | 3.00 | 310 | 0.97 | abc1234 / def5678 |" in text
     doc = tmp_path / "doc.md"
     doc.write_text("x\n<!-- results:memory -->\nold\n<!-- /results:memory -->\ny\n")
     assert mod.main(["table", str(tmp_path), "--update", str(doc)]) == 0
