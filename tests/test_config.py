@@ -68,6 +68,9 @@ def test_bad_types_and_ranges(tmp_path):
         load_config(overrides=["output.mrc=1"])
     with pytest.raises(ConfigError, match=r"'algorithm.lambdas'"):
         load_config(overrides=["algorithm.lambdas=[1, -1]"])
+    with pytest.raises(ConfigError, match=r"'runtime.serial_threads': must be in \[0, 1024\]"):
+        load_config(overrides=["runtime.serial_threads=-1"])
+    assert load_config(overrides=["runtime.serial_threads=4"]).runtime.serial_threads == 4
     p.write_text("[algorithm\n")
     with pytest.raises(ConfigError, match=r"not valid TOML"):
         load_config(p)

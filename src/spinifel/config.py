@@ -69,6 +69,7 @@ class RuntimeConfig:
     threads_per_rank: int
     seed: int
     cuda_aware_mpi: bool
+    serial_threads: int = 0
 
     def __post_init__(self) -> None:
         _check(self.backend in ("auto", "numpy", "cupy"), "runtime.backend",
@@ -81,6 +82,8 @@ class RuntimeConfig:
         _check(1 <= self.threads_per_rank <= 1024, "runtime.threads_per_rank",
                f"must be in [1, 1024], got {self.threads_per_rank}")
         _check(self.seed >= 0, "runtime.seed", f"must be >= 0, got {self.seed}")
+        _check(0 <= self.serial_threads <= 1024, "runtime.serial_threads",
+               f"must be in [0, 1024] (0 = auto), got {self.serial_threads}")
 
 
 @dataclass(frozen=True)

@@ -114,3 +114,22 @@ def check_memory(estimate_bytes: int, ranks_on_node: int, available_bytes: int |
     if estimate_bytes > warn_fraction * share:
         return f"memory is tight: {numbers}"
     return None
+
+
+def serial_stage_threads(requested: int, threads_per_rank: int, concurrent_jobs: int) -> int:
+    """Threads for a stage that one rank computes while the others wait (CG sweep, phasing).
+
+    ``requested`` > 0 is taken as given (``runtime.serial_threads``). 0 (auto): the CPUs this
+    process may run on (its affinity mask: under ``srun``/``jsrun`` binding, the rank's own
+    cores) shared by the ``concurrent_jobs`` such stages that may run at once on a node
+    (the full map, and the two half maps when half sets are on), and never fewer than
+    ``threads_per_rank``. The waiting ranks sleep meanwhile
+    (:func:`spinifel.parallel.collectives.quiet_wait`), so their cores are free.
+    """
+    if requested > 0:
+        return int(requested)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity call on this platform
+        cpus = os.cpu_count() or 1
+    return max(int(threads_per_rank), cpus // max(int(concurrent_jobs), 1))

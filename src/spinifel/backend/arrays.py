@@ -98,6 +98,18 @@ def to_module(x: Any, xp: Any, dtype: Any = None) -> Any:
     return xp.asarray(x, dtype=dtype)
 
 
+def fft_workers(xp: Any, n: int) -> Any:
+    """Context in which the host FFTs of :func:`fft_module` use ``n`` threads
+    (``scipy.fft.set_workers``); a no-op for device arrays."""
+    if xp is np and n > 1:
+        import scipy.fft
+
+        return scipy.fft.set_workers(int(n))
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
 def fft_module(xp: Any) -> Any:
     """FFT namespace for ``xp``: ``scipy.fft`` for numpy (it keeps float32 in single
     precision and is 2-3x faster than ``numpy.fft`` there), ``cupy.fft`` for cupy."""

@@ -32,7 +32,7 @@ from spinifel.geometry.points import rotated_points
 from spinifel.merging.cg import conjugate_gradient, multishift_cg
 from spinifel.merging.lcurve import lcurve_corner
 from spinifel.merging.operator import ToeplitzNormalOperator, kernel_spectrum
-from spinifel.parallel.collectives import allreduce_sum, bcast_array
+from spinifel.parallel.collectives import allreduce_sum, bcast_array, quiet_wait
 
 log = logging.getLogger("spinifel")
 
@@ -314,6 +314,7 @@ def merge(comm: Any, eq: NormalEquations, *, lambdas_rel: Sequence[float], x0: n
             xs = sw.xs
         infos[j] = np.array([sw.n_iter, float(sw.converged)] + sw.residual_norms
                             + sw.solution_norms + sw.misfit_excess + held, dtype=np.float64)
+    quiet_wait(comm)  # the ranks without a sweep sleep until the solvers are done
     t1 = time.perf_counter()
     infos = [bcast_array(comm, v, root=j % size, xp=np) for j, v in enumerate(infos)]
     resid = [float(v) for v in infos[0][2:2 + n]]

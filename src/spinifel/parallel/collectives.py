@@ -9,6 +9,7 @@ buffers through; the current stream is synchronised first so the data is complet
 from __future__ import annotations
 
 import importlib
+import time
 from typing import Any
 
 import numpy as np
@@ -174,6 +175,28 @@ def ring_shift(comm: Any, value: Any) -> Any:
 def barrier(comm: Any) -> None:
     """Wait for every rank of ``comm``."""
     comm.Barrier()
+
+
+def quiet_wait(comm: Any, poll_seconds: float = 1e-3) -> float:
+    """A barrier whose waiting ranks sleep instead of spinning; returns the seconds waited.
+
+    MPI libraries wait in blocking collectives by polling, which keeps a core busy. Before
+    the broadcast of a stage that one rank computes alone (the CG sweep, phasing), the
+    others wait here on a non-blocking barrier tested every ``poll_seconds``, so the rank
+    doing the work can use their cores (``runtime.serial_threads``). The rank that arrives
+    last passes at once; the wake-up delay of the others is at most ``poll_seconds``.
+    """
+    t0 = time.perf_counter()
+    if comm.Get_size() == 1:
+        return 0.0
+    ibarrier = getattr(comm, "Ibarrier", None)
+    if ibarrier is None:  # a communicator without non-blocking collectives
+        comm.Barrier()
+        return time.perf_counter() - t0
+    req = ibarrier()
+    while not req.Test():
+        time.sleep(poll_seconds)
+    return time.perf_counter() - t0
 
 
 def reduce_summary(comm: Any, summary: dict[str, float]) -> dict[str, float]:

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from spinifel.backend.arrays import to_host, to_module
+from spinifel.backend.arrays import fft_workers, to_host, to_module
 from spinifel.backend.select import release_memory_pool
 from spinifel.config import Config
 from spinifel.geometry.resolution import matching_cutoff, matching_fraction
@@ -45,6 +45,7 @@ from spinifel.parallel.collectives import (
     allreduce_sum,
     bcast_array,
     gather_objects,
+    quiet_wait,
     reduce_summary,
 )
 from spinifel.phasing.algorithms import intensity_from_autocorrelation
@@ -573,8 +574,9 @@ class MTIPSolver:
                    and len(a.lambdas) > 1 else None)  # one lambda: nothing to choose
         x0 = self._zeros if st.full.phased_ac is None else st.full.phased_ac
         x_init = x0 if st.full.merged_ac is None else st.full.merged_ac
+        serial = self.serial_threads(1 if holdout is None else 3)
         res = merge(self.comm, eq, lambdas_rel=a.lambdas, x0=x0, x_init=x_init,
-                    support=p.support, max_iter=a.cg_max_iter, tol=a.cg_tol, nthreads=threads,
+                    support=p.support, max_iter=a.cg_max_iter, tol=a.cg_tol, nthreads=serial,
                     timings=timings, cuda_aware_mpi=cuda_aware, holdout=holdout)
         res.autocorrelation = to_host(res.autocorrelation)  # stage boundary: state on the host
         self.warn_edge("merged autocorrelation", res.autocorrelation, p.support)
@@ -587,7 +589,8 @@ class MTIPSolver:
                     self.comm, half_eqs, lam_rel=res.lam_rel, x0s=hx0,
                     x_inits=[x if hs.merged_ac is None else hs.merged_ac
                              for x, hs in zip(hx0, st.halves)],
-                    support=p.support, max_iter=a.cg_max_iter, tol=a.cg_tol, nthreads=threads)
+                    support=p.support, max_iter=a.cg_max_iter, tol=a.cg_tol,
+                    nthreads=self.serial_threads(2))
             half_eqs = None
         release_memory_pool(p.xp)
         return Merged(result=res, halves=half_merged)
@@ -602,12 +605,24 @@ class MTIPSolver:
             jobs = [(merged.result.autocorrelation, st.full, 0)]
             if merged.halves is not None:
                 jobs += [(merged.halves[h], st.halves[h], h + 1) for h in (0, 1)]
-            done = [phase_chain(self.cfg, ac, chain, g, p.fourier_mask, stream, p.xp)
-                    if rank == stream % size else None for ac, chain, stream in jobs]
+            with fft_workers(p.xp, self.serial_threads(len(jobs))):
+                done = [phase_chain(self.cfg, ac, chain, g, p.fourier_mask, stream, p.xp)
+                        if rank == stream % size else None for ac, chain, stream in jobs]
+            quiet_wait(self.comm)  # ranks without a map sleep until the owners are done
             phased = [self._share(ph, ac, stream % size)
                       for (ac, _, stream), ph in zip(jobs, done)]
         self.warn_edge("density", phased[0].density)
         return phased
+
+    def serial_threads(self, concurrent_jobs: int) -> int:
+        """Threads of a stage one rank computes while the others wait
+        (:func:`spinifel.runtime.serial_stage_threads`; ``concurrent_jobs`` such stages may
+        run at once, on as many ranks)."""
+        from spinifel.runtime import serial_stage_threads
+
+        rt = self.cfg.runtime
+        jobs = min(concurrent_jobs, self.problem.ctx.node_size)
+        return serial_stage_threads(rt.serial_threads, rt.threads_per_rank, jobs)
 
     def _share(self, ph: Any, data_ac: np.ndarray, owner: int) -> Phased:
         """Broadcast one phasing result from ``owner``; rescale its autocorrelation."""
