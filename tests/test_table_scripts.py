@@ -1,0 +1,82 @@
+"""The docs' tables of photon-limited runs, lambda runs and the Poisson bench, generated
+from the JSONs the program wrote (scripts/photon_table.py, lambda_table.py,
+poisson_bench_table.py)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(folder: Path, name: str, lam: float, ev: dict, commit: str = "abc1234") -> None:
+    d = folder / name
+    d.mkdir(parents=True)
+    gens = [{"lambda_rel": lam, "timings": {"slicing": 30.0, "phasing": 30.0}, "evaluation": {}},
+            {"lambda_rel": lam, "timings": {"slicing": 30.0, "phasing": 30.0},
+             "evaluation": ev, "orientation_change": 0.05}]
+    (d / "metrics.json").write_text(json.dumps({"generations": gens, "n_images": 2000,
+                                                "n_generations": 2, "grid_spacing_deg": 14.4}))
+    (d / "config.toml").write_text(f'[data]\npath = "/x/2cex_p10000.h5"\n[algorithm]\nM = 51\n'
+                                   f'lambdas = [{lam}]\nn_orientations = 5000\n')
+    (d / "provenance.json").write_text(json.dumps({"commit": commit, "command": "mpiexec ..."}))
+
+
+EV = {"density_correlation": 0.8812, "fsc_resolution_0p5_angstrom": 7.04,
+      "fsc_resolution_0p143_angstrom": None,
+      "fsc_resolution_0p143_better_than_angstrom": 6.53,
+      "orientation_error_deg": {"median": 2.21, "p90": 5.04}}
+
+
+def test_photon_summary_rows_say_not_run_and_not_reached(tmp_path):
+    """Catches a missing run shown with numbers, an FSC that never crossed printed as a
+    resolution, or the commit not taken from the run's provenance."""
+    pt = _module("photon_table")
+    _run(tmp_path, "p10000_n5000_euclidean_defaults", 0.1, EV, commit="def5678")
+    text = pt.summary(tmp_path)
+    lines = {ln.split("|")[3].strip(): ln for ln in text.splitlines()[2:]}
+    row = lines["`p10000_n5000_euclidean_defaults`"]
+    assert "| 0.881 | 7.0 A | not reached (better than 6.5 A) | 2.2 | 5.0 | 2 | def5678 |" in row
+    assert "| not run |" in lines["`p500_n5000_refine_example`"]
+    assert len(lines) == 11  # five photon counts x two engines, and the jitter row
+
+
+def test_lambda_table_sorted_by_lambda_with_choices(tmp_path):
+    """Catches rows out of lambda order, the per-generation choice missing, or the last
+    generation's numbers not the ones quoted."""
+    lt = _module("lambda_table")
+    _run(tmp_path, "l1", 1.0, dict(EV, density_correlation=0.7))
+    _run(tmp_path, "l001", 0.01, dict(EV, density_correlation=0.8))
+    assert lt.main([str(tmp_path)]) == 0
+    text = "\n".join(r for _, r in sorted(lt.row(d) for d in tmp_path.iterdir()))
+    first, second = text.splitlines()
+    assert first.startswith("| `l001` |") and "| 0.01 | 0.01, 0.01 | 2 | 0.800 |" in first
+    assert second.startswith("| `l1` |") and "| 0.700 | 7.0 A | not reached" in second
+
+
+def test_poisson_bench_table_quotes_every_rank(tmp_path):
+    """Catches a likelihood case or a rank left out, or the merge's per-orientation cost
+    printed in the wrong unit."""
+    pb = _module("poisson_bench_table")
+    lik = {"seconds": 2.0, "limit_seconds": 1.5, "fraction_of_limit": 0.75, "kept": 512,
+           "beta": 0.001}
+    pm = {"seconds": 3.0, "kept_per_image": 8, "active_orientations": 1500,
+          "seconds_per_active_orientation": 0.002, "seconds_per_kept_pair": 3e-4,
+          "ratio_to_hard_merge": 1.2}
+    rank = {"likelihood_k512_beta0.001": lik, "merge_nufft": {"seconds": 2.5, "eps": 1e-4},
+            "probabilistic_merge_k8": pm}
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({"args": {"images_per_rank": 2500, "pixels": 64, "M": 51,
+                                         "orientations": 5000, "photons": 1000.0},
+                                "commit": "abc1234", "ranks": [rank, rank]}))
+    text = pb.table(path)
+    assert "| `likelihood_k512_beta0.001` | 512 | 0.001 | 2.00 (1.50, 0.75) | 2.00 (1.50, 0.75) |" in text
+    assert "| 8 | 1 | 1500 | 3.00 | 2.00 | 300.00 | 1.20 |" in text  # ms and us
+    assert "eps 0.0001" in text and "commit abc1234" in text
