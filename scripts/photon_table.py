@@ -82,15 +82,22 @@ def row(run: Path) -> str:
             f"{_res(ev, '0p143')} | {_f(oe.get('median'), '.1f')} | "
             f"{_f(oe.get('p90'), '.1f')} | {_f(m.get('grid_spacing_deg'), '.1f')} | "
             f"{sampling_floor_deg(a['n_orientations']):.1f} | "
-            f"{_f(last.get('orientation_change'), '.3f')} | {seconds / 60:.0f} |")
+            f"{_f(last.get('orientation_change'), '.3f')} | {seconds / 60:.0f} | "
+            f"{_commit(run)} |")
+
+
+def _commit(run: Path) -> str:
+    """The commit recorded in the run's ``provenance.json`` ("-" when there is none)."""
+    prov = run / "provenance.json"
+    return json.loads(prov.read_text())["commit"] if prov.is_file() else "-"
 
 
 HEADER = ("| run | data | images | score | M | beta_start | kept cap | refine rounds | lambdas | "
           "background | generations | density CC | "
           "FSC 0.5 | FSC 0.143 | median error (deg) | p90 (deg) | grid spacing (deg) | "
           "grid sampling floor (deg) | orientation change, last generation | "
-          "stage minutes (sum) |\n"
-          "|" + " --- |" * 20)
+          "stage minutes (sum) | commit |\n"
+          "|" + " --- |" * 21)
 
 
 # the issue's table: per photon count the Poisson example config and today's hard engine
@@ -116,8 +123,7 @@ def summary_row(photons: str, engine: str, run: Path) -> str:
     ev = gens[-1].get("evaluation") or {}
     oe = ev.get("orientation_error_deg") or {}
     seconds = sum(sum(v for v in g["timings"].values() if v) for g in gens)
-    prov = run / "provenance.json"
-    commit = json.loads(prov.read_text())["commit"] if prov.is_file() else "see text"
+    commit = _commit(run)
     return (f"| {photons} | {engine} | `{run.name}` | {len(gens)}/{m['n_generations']} | "
             f"{_f(ev.get('density_correlation'), '.3f')} | {_res(ev, '0p5')} | "
             f"{_res(ev, '0p143')} | {_f(oe.get('median'), '.1f')} | {_f(oe.get('p90'), '.1f')} | "
