@@ -37,6 +37,12 @@ from spinifel.parallel.context import ParallelContext, collective
 
 log = logging.getLogger("spinifel")
 
+#: The flat background is taken from the data (:meth:`Problem._flat_background`) when its
+#: error is below this fraction of the dimmest shell's mean count. The error grows as the
+#: fluence spread shrinks; without a spread the data cannot tell a flat background from a
+#: flat part of the signal.
+MAX_FLAT_BACKGROUND_ERROR = 0.1
+
 
 def measured_fourier_mask(M: int, positions: np.ndarray, reciprocal_extent: float) -> np.ndarray:
     """Centred ``(M, M, M)`` mask of the reciprocal grid points the data can reach.
@@ -91,8 +97,10 @@ class Problem:
     (:func:`~spinifel.orientation.likelihood.photon_counts`), ``mean_image`` (P,) float64
     the mean over ALL images (every rank; background estimate, None unless
     ``algorithm.background`` is set) and ``shells`` (P,) int64 the background shell of each
-    good pixel. With ``algorithm.M = 0``, :meth:`load` replaces ``cfg`` by one with the
-    chosen ``M`` (:meth:`choose_box`).
+    good pixel, and with ``algorithm.background = "flat"`` ``flat_background`` (float or
+    None) the background from the data alone (:meth:`_flat_background`). With
+    ``algorithm.M = 0``, :meth:`load` replaces ``cfg`` by one with the chosen ``M``
+    (:meth:`choose_box`).
     """
 
     cfg: Config
@@ -121,6 +129,7 @@ class Problem:
     s_all: np.ndarray | None = None
     mean_image: np.ndarray | None = None
     shells: np.ndarray | None = None
+    flat_background: float | None = None
     polar_sizes: tuple[int, int] | None = None
 
     # ---------------------------------------------------------------- construction
@@ -217,11 +226,39 @@ class Problem:
             total = np.ascontiguousarray(images.sum(axis=0, dtype=np.float64))
             self.mean_image = allreduce_sum(comm, total) / max(self.n_images, 1)
             self.shells = shell_index(self.positions, a.background_shells)
+            if a.background == "flat":
+                self.flat_background = self._flat_background(images)
         if cfg.evaluation.enabled and self.ctx.rank == 0 and self.info.has_ground_truth:
             from spinifel.evaluate.report import load_ground_truth
 
             self.truth = load_ground_truth(cfg.data.path, a.M, self.extent)
         return self
+
+    def _flat_background(self, images: np.ndarray) -> float | None:
+        """``algorithm.background = "flat"``: the background from the data alone
+        (:func:`~spinifel.orientation.background.flat_background_from_data`, collective).
+        None, with a warning, when its error exceeds :data:`MAX_FLAT_BACKGROUND_ERROR` of the
+        dimmest shell's mean count (too little fluence spread): the estimate then falls back
+        to the model fit."""
+        from spinifel.orientation.background import flat_background_from_data, shell_moments
+
+        n_shells = self.cfg.algorithm.background_shells
+        moments = allreduce_sum(self.ctx.comm, shell_moments(
+            images, self.shells, n_shells, np.arange(self.start, self.stop)))
+        pixels = np.bincount(self.shells, minlength=n_shells)
+        b, error = flat_background_from_data(moments, pixels)
+        dimmest = float(np.min(moments[:, 0].sum(axis=0)[pixels > 0] / pixels[pixels > 0])
+                        / max(self.n_images, 1))
+        if self.ctx.rank == 0:
+            log.info("flat background from the data: %.4g +- %.2g photons/pixel", b, error)
+        if not error <= MAX_FLAT_BACKGROUND_ERROR * dimmest:
+            if self.ctx.rank == 0:
+                log.warning("the flat background from the data (error %.2g photons/pixel) is "
+                            "not determined: the fluence hardly varies between the images; it "
+                            "is fitted against the model instead (biased by the model's own "
+                            "flat part)", error)
+            return None
+        return b
 
     def _photon_counts(self, images: np.ndarray) -> np.ndarray:
         """This rank's images as photon counts (collective: a DatasetError on any rank is

@@ -439,7 +439,9 @@ class MTIPSolver:
 
     def estimate_background(self, post: Any, sel: np.ndarray) -> tuple[np.ndarray, float] | None:
         """Background per good pixel from the mean image and the model's orientation average
-        (``post.mean_slice``, at the ``sel`` pixels), extended to every good pixel by shell;
+        (``post.mean_slice``, at the ``sel`` pixels; ``flat``: the data's estimate
+        ``problem.flat_background`` when there is one, only the fluence from the model),
+        extended to every good pixel by shell;
         None when ``algorithm.background = "none"``. Identical on every rank."""
         from spinifel.orientation.background import estimate_background
 
@@ -447,7 +449,7 @@ class MTIPSolver:
         if a.background == "none" or post.mean_slice is None:
             return None
         b_sel, phi_ref = estimate_background(p.mean_image[sel], post.mean_slice, a.background,
-                                             p.shells[sel])
+                                             p.shells[sel], flat=p.flat_background)
         return extend_background(b_sel, p.shells[sel], p.shells), phi_ref
 
     def warn_edge(self, kind: str, volume: np.ndarray, support: np.ndarray | None = None
