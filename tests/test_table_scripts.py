@@ -80,3 +80,20 @@ def test_poisson_bench_table_quotes_every_rank(tmp_path):
     assert "| `likelihood_k512_beta0.001` | 512 | 0.001 | 2.00 (1.50, 0.75) | 2.00 (1.50, 0.75) |" in text
     assert "| 8 | 1 | 1500 | 3.00 | 2.00 | 300.00 | 1.20 |" in text  # ms and us
     assert "eps 0.0001" in text and "commit abc1234" in text
+
+
+def test_time_table_first_crossing_and_cumulative_seconds(tmp_path):
+    """Catches the time to solution taken at the last generation instead of the first that
+    reaches the threshold, or per-generation seconds instead of the running sum."""
+    tt = _module("time_table")
+    _run(tmp_path, "r", 0.1, EV)  # generation 1 without CC, generation 2 at 0.881
+    d = tmp_path / "r"
+    m = json.loads((d / "metrics.json").read_text())
+    m["generations"][0]["evaluation"] = {"density_correlation": 0.86}
+    (d / "metrics.json").write_text(json.dumps(m))
+    (d / "config.toml").write_text('[algorithm]\nscore = "euclidean"\ngenerations = 2\n'
+                                   'refine_generations = 1\nmatch_resolution_ramp = 6\n'
+                                   'n_phase_loops = 10\n')
+    line = tt.row(d, 0.85)
+    assert "| generation 1: 60 s (CC 0.860) | 120 | 0.881 | 2.2 | abc1234 |" in line
+    assert "| not reached | 120 |" in tt.row(d, 0.9)
