@@ -19,8 +19,9 @@ def _module(name: str):
 def _run(folder: Path, name: str, lam: float, ev: dict, commit: str = "abc1234") -> None:
     d = folder / name
     d.mkdir(parents=True)
-    gens = [{"lambda_rel": lam, "timings": {"slicing": 30.0, "phasing": 30.0}, "evaluation": {}},
-            {"lambda_rel": lam, "timings": {"slicing": 30.0, "phasing": 30.0},
+    gens = [{"generation": 0, "lambda_rel": lam, "timings": {"slicing": 30.0, "phasing": 30.0},
+             "evaluation": {}},
+            {"generation": 1, "lambda_rel": lam, "timings": {"slicing": 30.0, "phasing": 30.0},
              "evaluation": ev, "orientation_change": 0.05}]
     (d / "metrics.json").write_text(json.dumps({"generations": gens, "n_images": 2000,
                                                 "n_generations": 2, "grid_spacing_deg": 14.4}))
