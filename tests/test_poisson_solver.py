@@ -241,3 +241,31 @@ PHOTON_LIMITED_DATA = {"n_images": 400, "photons": 500.0, "n_pixels": 24}
 PHOTON_LIMITED_ALGORITHM = dict(TINY_ALGORITHM, generations=12, score="poisson",
                                 refine_rounds=0, n_orientations=1000,
                                 orientations_per_image=256, beta_start=0.01)
+
+
+def test_score_auto_chooses_poisson_for_counts_only(counts, noise_free, tmp_path):
+    """Catches algorithm.score = "auto" choosing the Poisson score for data that are not
+    photon counts (which would then be refused), missing counts, or choosing it where the
+    other settings need the Euclidean score; the refinement rounds follow the choice."""
+    from spinifel.config import load_config
+
+    assert load_config(overrides=["algorithm.score=auto"]).algorithm.refine_rounds == -1
+    p = _problem(counts, tmp_path, score="auto", refine_rounds=-1)
+    assert p.cfg.algorithm.score == "poisson" and p.cfg.algorithm.refine_rounds == 3
+    # the images were converted to counts (the Poisson path's input), not left as read
+    assert np.array_equal(p.images, np.rint(p.images))
+    p = _problem(noise_free, tmp_path, score="auto", refine_rounds=-1)
+    assert p.cfg.algorithm.score == "euclidean" and p.cfg.algorithm.refine_rounds == 2
+    p = _problem(counts, tmp_path, score="auto", search="coarse_to_fine")
+    assert p.cfg.algorithm.score == "euclidean"
+
+
+def test_are_photon_counts():
+    """Catches the auto score's count test disagreeing with photon_counts' rule: integers
+    within 1e-3, non-negative, finite."""
+    from spinifel.orientation.likelihood import are_photon_counts
+
+    assert are_photon_counts(np.array([[0.0, 1.0, 7.0005]]))
+    assert not are_photon_counts(np.array([[0.0, 1.5]]))
+    assert not are_photon_counts(np.array([[-1.0, 2.0]]))
+    assert not are_photon_counts(np.array([[np.nan, 2.0]]))

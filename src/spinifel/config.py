@@ -140,7 +140,7 @@ class AlgorithmConfig:
 
     def __post_init__(self) -> None:
         a = "algorithm."
-        if self.refine_rounds == -1:  # auto: measured per score (defaults.toml)
+        if self.refine_rounds == -1 and self.score != "auto":  # auto: measured per score
             object.__setattr__(self, "refine_rounds", 3 if self.score == "poisson" else 2)
         _check(1 <= self.generations <= 10000, a + "generations",
                f"must be in [1, 10000], got {self.generations}")
@@ -188,7 +188,8 @@ class AlgorithmConfig:
                f"must be in (0, 1], got {self.match_resolution_start}")
         _check(self.match_resolution_ramp >= 1, a + "match_resolution_ramp",
                f"must be >= 1, got {self.match_resolution_ramp}")
-        _check(0 <= self.refine_rounds <= 8, a + "refine_rounds",
+        _check(0 <= self.refine_rounds <= 8 or (self.refine_rounds == -1 and self.score == "auto"),
+               a + "refine_rounds",
                f"must be in [0, 8] or -1 (auto), got {self.refine_rounds}")
         _check(self.refine_stencil in ("axes", "cube"), a + "refine_stencil",
                f"must be 'axes' or 'cube', got {self.refine_stencil!r}")
@@ -221,8 +222,8 @@ class AlgorithmConfig:
 
     def _check_poisson(self) -> None:
         a = "algorithm."
-        _check(self.score in ("euclidean", "poisson"), a + "score",
-               f"must be 'euclidean' or 'poisson', got {self.score!r}")
+        _check(self.score in ("euclidean", "poisson", "auto"), a + "score",
+               f"must be 'euclidean', 'poisson' or 'auto', got {self.score!r}")
         _check(1 <= self.orientations_per_image <= 4096, a + "orientations_per_image",
                f"must be in [1, 4096], got {self.orientations_per_image}")
         _check(0 < self.posterior_mass <= 1, a + "posterior_mass",
@@ -239,7 +240,7 @@ class AlgorithmConfig:
                f"must be 'none', 'flat' or 'radial', got {self.background!r}")
         _check(self.background_shells >= 1, a + "background_shells",
                f"must be >= 1, got {self.background_shells}")
-        if self.score == "poisson":
+        if self.score == "poisson":  # ("auto" resolves to it only where these hold)
             # The coarse-to-fine search ranks orientations by the Euclidean distance; its
             # likelihood version is not implemented (local refinement is: the likelihood).
             _check(self.search != "coarse_to_fine", a + "search",
@@ -252,6 +253,18 @@ class AlgorithmConfig:
             _check(self.matching_mode == "replicated", a + "matching_mode",
                    "'distributed' is not available with algorithm.score = 'poisson'; use "
                    "'replicated'")
+
+
+def poisson_supported(a: AlgorithmConfig) -> str:
+    """Why the Poisson score cannot run with the other ``algorithm`` settings ("" if it can):
+    what ``algorithm.score = "auto"`` checks before choosing it for photon counts."""
+    if a.search == "coarse_to_fine":
+        return "algorithm.search = 'coarse_to_fine'"
+    if a.matching_mode != "replicated":
+        return f"algorithm.matching_mode = '{a.matching_mode}'"
+    if a.search == "polar" and a.background != "none":
+        return f"algorithm.search = 'polar' with algorithm.background = '{a.background}'"
+    return ""
 
 
 @dataclass(frozen=True)

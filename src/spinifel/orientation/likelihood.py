@@ -666,6 +666,18 @@ def posterior_settings(algorithm: Any, generation: int) -> dict[str, Any]:
             "fit_scale": a.fluence == "fitted", "floor_rel": a.likelihood_floor}
 
 
+def are_photon_counts(images: Any, integer_tol: float = 1e-3) -> bool:
+    """Whether every value is within ``integer_tol`` of a non-negative integer (finite): the
+    rule by which :func:`photon_counts` accepts data as counts without ``adu_per_photon``."""
+    xp = get_array_module(images)
+    if images.size == 0:
+        return True
+    if not bool(xp.all(xp.isfinite(images))):
+        return False
+    return (float(xp.min(images)) >= -integer_tol
+            and float(xp.max(xp.abs(images - xp.rint(images)))) <= integer_tol)
+
+
 def photon_counts(images: Any, adu_per_photon: float, source: str, dataset: str = "images",
                   integer_tol: float = 1e-3, noise_tol: float = 0.5) -> Any:
     """Images as photon counts for the Poisson score, or a DatasetError naming the data.

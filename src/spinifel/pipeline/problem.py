@@ -188,6 +188,9 @@ class Problem:
         good = self.geom.mask
         self.positions = np.ascontiguousarray(self.geom.positions[:, good])
         images = np.ascontiguousarray(self.shard.images[:, good], dtype=self.real)
+        if a.score == "auto":
+            self.resolve_score(images)
+            a = self.cfg.algorithm
         if a.score == "poisson":
             images = self._photon_counts(images)
         if a.M == 0:
@@ -233,6 +236,30 @@ class Problem:
 
             self.truth = load_ground_truth(cfg.data.path, a.M, self.extent)
         return self
+
+    def resolve_score(self, images: np.ndarray) -> str:
+        """``algorithm.score = "auto"`` (collective): "poisson" when the data are photon
+        counts on every rank (``data.adu_per_photon > 0`` converts them; else every value
+        within 1e-3 of a non-negative integer, the rule of
+        :func:`~spinifel.orientation.likelihood.photon_counts`) and the other settings
+        allow it, else "euclidean". Replaces ``cfg`` by one with the choice (and the
+        refinement rounds it implies); logs the reason on rank 0."""
+        from spinifel.config import poisson_supported
+        from spinifel.orientation.likelihood import are_photon_counts
+        from spinifel.parallel.collectives import all_true
+
+        a = self.cfg.algorithm
+        counts = all_true(self.ctx.comm, self.cfg.data.adu_per_photon > 0
+                          or are_photon_counts(images))
+        blocked = poisson_supported(a)
+        score = "poisson" if counts and not blocked else "euclidean"
+        why = ("the data are photon counts" if counts and not blocked
+               else f"photon counts, but {blocked} needs the Euclidean score" if counts
+               else "the data are not photon counts (non-integer or negative values)")
+        if self.ctx.rank == 0:
+            log.info("algorithm.score = 'auto': %s: %s", why, score)
+        self.cfg = dataclasses.replace(self.cfg, algorithm=dataclasses.replace(a, score=score))
+        return score
 
     def _flat_background(self, images: np.ndarray) -> float | None:
         """``algorithm.background = "flat"``: the background from the data alone
@@ -463,7 +490,7 @@ def _memory_estimate(cfg: Config, n_local: int, n_pixels: int,
         held = a.n_orientations if a.coarse_max_fine_slices == 0 else min(
             a.n_orientations, a.coarse_max_fine_slices)
         slices += held * n_pixels * item
-    if a.score == "poisson":
+    if a.score in ("poisson", "auto"):  # auto: the larger, before the data decide
         # the streaming posterior's top-k buffer (2k scores and indices per image) and the
         # k sorted at the end (not fitted to a measurement: the Euclidean runs were)
         k = max(a.orientations_per_image, 1)
