@@ -107,33 +107,37 @@ SUMMARY_ROWS = [("500", "p500_n5000_refine_example", "p500_n5000_hard_euclidean_
                 ("5,000", "p5000_n5000_refine_example", "p5000_n5000_hard_euclidean_defaults"),
                 ("10,000", "p10000_n5000_refine_example", "p10000_n5000_euclidean_defaults"),
                 ("2,000 + jitter 0.5, background 0.05, 4-row gap",
+                 "p2000_jitter_bg_gap_n5000_refine_example_bgfix", None),
+                ("the same, background fitted against the model (before the fix)",
                  "p2000_jitter_bg_gap_n5000_refine_example", None)]
 
 SUMMARY_HEADER = ("| photons per image | engine | run | generations | density CC | FSC 0.5 | "
                   "FSC 0.143 | median error (deg) | p90 (deg) | minutes (sum of stage times) | "
-                  "commit |\n|" + " --- |" * 11)
+                  "commit | background estimate (photons/pixel) |\n|" + " --- |" * 12)
 
 
 def summary_row(photons: str, engine: str, run: Path) -> str:
     """One line of the summary table; "not run" when the run's folder is absent."""
     if not (run / "metrics.json").is_file():
-        return f"| {photons} | {engine} | `{run.name}` | not run | | | | | | | |"
+        return f"| {photons} | {engine} | `{run.name}` | not run | | | | | | | | |"
     m = json.loads((run / "metrics.json").read_text())
     gens = m["generations"]
     ev = gens[-1].get("evaluation") or {}
     oe = ev.get("orientation_error_deg") or {}
     seconds = sum(sum(v for v in g["timings"].values() if v) for g in gens)
     commit = _commit(run)
+    bg = (gens[-1].get("posterior") or {}).get("background_photons_per_pixel")
     return (f"| {photons} | {engine} | `{run.name}` | {len(gens)}/{m['n_generations']} | "
             f"{_f(ev.get('density_correlation'), '.3f')} | {_res(ev, '0p5')} | "
             f"{_res(ev, '0p143')} | {_f(oe.get('median'), '.1f')} | {_f(oe.get('p90'), '.1f')} | "
-            f"{seconds / 60:.0f} | {commit} |")
+            f"{seconds / 60:.0f} | {commit} | {'-' if bg is None else f'{bg:.3f}'} |")
 
 
 def summary(folder: Path) -> str:
     lines = [SUMMARY_HEADER]
     for photons, poisson, hard in SUMMARY_ROWS:
-        lines.append(summary_row(photons, "Poisson (examples/photon_limited.toml)",
+        bg = ", background = flat" if "jitter" in poisson else ""
+        lines.append(summary_row(photons, f"Poisson (examples/photon_limited.toml{bg})",
                                  folder / poisson))
         if hard:
             lines.append(summary_row(photons, "hard, Euclidean defaults (M = 51)", folder / hard))

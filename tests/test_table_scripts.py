@@ -44,9 +44,9 @@ def test_photon_summary_rows_say_not_run_and_not_reached(tmp_path):
     text = pt.summary(tmp_path)
     lines = {ln.split("|")[3].strip(): ln for ln in text.splitlines()[2:]}
     row = lines["`p10000_n5000_euclidean_defaults`"]
-    assert "| 0.881 | 7.0 A | not reached (better than 6.5 A) | 2.2 | 5.0 | 2 | def5678 |" in row
+    assert "| 0.881 | 7.0 A | not reached (better than 6.5 A) | 2.2 | 5.0 | 2 | def5678 | - |" in row
     assert "| not run |" in lines["`p500_n5000_refine_example`"]
-    assert len(lines) == 11  # five photon counts x two engines, and the jitter row
+    assert len(lines) == 12  # five photon counts x two engines, and the two jitter rows
 
 
 def test_lambda_table_sorted_by_lambda_with_choices(tmp_path):
