@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
+import sys
 from pathlib import Path
 
 import tomllib
 
-BEGIN, END = "<!-- results:lambda -->", "<!-- /results:lambda -->"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import update  # noqa: E402  (scripts/results.py: the marker-block writer)
 
 
 def _res(ev: dict, key: str) -> str:
@@ -63,11 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = sorted(d for d in args.folder.iterdir() if (d / "metrics.json").is_file())
     text = HEADER + "\n" + "\n".join(r for _, r in sorted(row(d) for d in runs))
     for path in args.update:
-        doc = path.read_text()
-        pat = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-        if not pat.search(doc):
-            raise SystemExit(f"{path}: no {BEGIN} markers")
-        path.write_text(pat.sub(lambda _: f"{BEGIN}\n{text}\n{END}", doc, count=1))
+        update(path, "lambda", text)  # between <!-- results:NAME --> markers
     print(text)
     return 0
 

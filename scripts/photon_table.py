@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
 import tomllib
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import update  # noqa: E402  (scripts/results.py: the marker-block writer)
 
 
 def _res(ev: dict, key: str) -> str:
@@ -154,18 +156,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="the per-photon-count table (Poisson example vs hard engine) instead "
                         "of every run")
     args = p.parse_args(argv)
-    begin, end = f"<!-- results:{args.block} -->", f"<!-- /results:{args.block} -->"
     runs = sorted(d for d in args.folder.iterdir() if (d / "metrics.json").is_file())
     if args.summary:
         text = summary(args.folder)
     else:
         text = HEADER + "\n" + "\n".join(row(r) for r in runs)
     for path in args.update:
-        doc = path.read_text()
-        pat = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
-        if not pat.search(doc):
-            raise SystemExit(f"{path}: no {begin} markers")
-        path.write_text(pat.sub(lambda _: f"{begin}\n{text}\n{end}", doc, count=1))
+        update(path, args.block, text)  # between <!-- results:NAME --> markers
     print(text)
     return 0
 

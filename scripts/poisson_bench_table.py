@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
+import sys
 from pathlib import Path
 
-BEGIN, END = "<!-- results:poisson_bench -->", "<!-- /results:poisson_bench -->"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import update  # noqa: E402  (scripts/results.py: the marker-block writer)
 
 
 def table(path: Path) -> str:
@@ -66,11 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     text = table(args.json)
     for path in args.update:
-        doc = path.read_text()
-        pat = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-        if not pat.search(doc):
-            raise SystemExit(f"{path}: no {BEGIN} markers")
-        path.write_text(pat.sub(lambda _: f"{BEGIN}\n{text}\n{END}", doc, count=1))
+        update(path, "poisson_bench", text)  # between <!-- results:NAME --> markers
     print(text)
     return 0
 

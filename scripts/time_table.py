@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
+import sys
 from pathlib import Path
 
 import tomllib
 
-BEGIN, END = "<!-- results:time -->", "<!-- /results:time -->"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import update  # noqa: E402  (scripts/results.py: the marker-block writer)
 
 
 def row(run: Path, threshold: float) -> str:
@@ -58,11 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             "|" + " --- |" * 12)
     text = head + "\n" + "\n".join(row(r, args.threshold) for r in args.runs)
     for path in args.update:
-        doc = path.read_text()
-        pat = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-        if not pat.search(doc):
-            raise SystemExit(f"{path}: no {BEGIN} markers")
-        path.write_text(pat.sub(lambda _: f"{BEGIN}\n{text}\n{END}", doc, count=1))
+        update(path, "time", text)  # between <!-- results:NAME --> markers
     print(text)
     return 0
 
