@@ -499,7 +499,6 @@ class PosteriorState:
         self.run_sum[rows] = c * s_old + xp.sum(e, axis=1)
         self.run_s[rows] = c * self.run_s[rows] + e @ slice_sums
         self.run_max[rows] = m_new
-        n, b = scores.shape
         if self.top_scores.shape[1] == 1:  # the hard assignment: the exact tie rule
             top_s, top_i = _running_best(self.top_scores[rows], self.top_index[rows], scores,
                                          offset)
