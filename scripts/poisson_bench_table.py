@@ -33,15 +33,23 @@ def table(path: Path) -> str:
            f"BLAS {', '.join(d.get('blas', []))}; load average at the end {load} on 2 cores; "
            f"`{path.as_posix()}`). Per rank: ours = log-slices, GEMM, fluence term and "
            "streaming posterior (best of 2); limit = the bare float32 GEMMs `K @ log(W)^T` "
-           "(best of 2); fraction = limit / ours.", "",
+           "(best of 2); fraction = limit / ours. numpy passes = ours with the streaming "
+           "posterior's numpy passes instead of the compiled ones (the path cupy arrays take; "
+           "best of 2, same run).", "",
            "| case | kept per image | beta | " + " | ".join(
-               f"rank {r} s (limit s, fraction)" for r in range(len(ranks))) + " |",
-           "|" + " --- |" * (3 + len(ranks))]
+               f"rank {r} s (limit s, fraction) | rank {r} numpy passes s"
+               for r in range(len(ranks))) + " |",
+           "|" + " --- |" * (3 + 2 * len(ranks))]
     for name, v in ranks[0].items():
         if not name.startswith("likelihood"):
             continue
-        cells = [f"{r[name]['seconds']:.2f} ({r[name]['limit_seconds']:.2f}, "
-                 f"{r[name]['fraction_of_limit']:.2f})" for r in ranks]
+        cells = []
+        for r in ranks:
+            x = r[name]
+            cells.append(f"{x['seconds']:.2f} ({x['limit_seconds']:.2f}, "
+                         f"{x['fraction_of_limit']:.2f})")
+            cells.append(f"{x['numpy_passes_seconds']:.2f}" if "numpy_passes_seconds" in x
+                         else "not measured")
         out.append(f"| `{name}` | {v['kept']} | {v['beta']:g} | " + " | ".join(cells) + " |")
     eps = ranks[0]["merge_nufft"].get("eps", 1e-6)
     out += ["", f"Probabilistic merge (both type-1 NUFFTs of every active orientation, eps {eps:g}, "

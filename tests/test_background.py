@@ -160,7 +160,7 @@ def test_flat_background_from_data_is_unbiased_whatever_the_models_flat_part():
         errors.append(error)
         offset = slices.mean(axis=0) - (b_prev - B_TRUE) / phi.mean()
         model_fit.append(estimate_background(images.mean(axis=0), offset, "flat")[0][0])
-        kept, a = estimate_background(images.mean(axis=0), slices.mean(axis=0), "flat", flat=b)
+        kept, a = estimate_background(images.mean(axis=0), slices.mean(axis=0), "flat", from_data=b)
         assert np.all(kept == b) and a == pytest.approx(phi.mean(), rel=0.02)
     est, model_fit = np.array(est), np.array(model_fit)
     se = est.std(ddof=1) / np.sqrt(repeats)
@@ -186,3 +186,33 @@ def test_flat_background_from_data_undetermined_without_fluence_spread():
         shells = shell_index(s, 8)
         dimmest = min(images.mean(axis=0)[shells == sh].mean() for sh in range(8))
         assert (error > MAX_FLAT_BACKGROUND_ERROR * dimmest) == undetermined
+
+
+def test_radial_background_from_data_recovers_a_radial_profile():
+    """Catches the radial data estimate returning the flat one, shells out of order, or the
+    jackknife error not describing its scatter: a background rising from 0.01 to 0.12
+    photons/pixel (a quadratic in the shell radius, the estimate's model) under a signal
+    with fluence spread 0.5, 30,000 images. Every shell is within 4 of its jackknife errors
+    of the truth, the errors are below 5% of the shell's mean count, and the flat estimate
+    misses the sixth shell by more than 4 of them."""
+    from spinifel.orientation.background import radial_background_from_data
+
+    rng = np.random.default_rng(11)
+    s, _ = _detector()
+    n, J, n_shells, sigma = 30000, 30, 8, 0.5
+    slices = _model(s, J, np.random.default_rng(123))
+    shells = shell_index(s, n_shells)
+    radius = (np.arange(n_shells) + 0.5) / n_shells
+    truth = 0.01 + 0.1 * radius ** 2
+    phi = rng.lognormal(-sigma ** 2 / 2, sigma, n)
+    images = rng.poisson(phi[:, None] * slices[rng.integers(0, J, n)]
+                         + truth[shells][None, :]).astype(np.float64)
+    rows = np.array_split(np.arange(n), 2)  # moments summed over two "ranks"
+    moments = sum(shell_moments(images[r], shells, n_shells, r) for r in rows)
+    pixels = np.bincount(shells, minlength=n_shells)
+    b, err = radial_background_from_data(moments, pixels)
+    mean_count = np.bincount(shells, images.mean(axis=0)) / pixels
+    assert np.all(err < 0.05 * mean_count)
+    assert np.all(np.abs(b - truth) <= 4 * err)
+    flat, _ = flat_background_from_data(moments, pixels)
+    assert abs(flat - truth[5]) > 4 * err[5]

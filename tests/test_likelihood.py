@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from spinifel.errors import DatasetError
+from spinifel.orientation import likelihood
 from spinifel.orientation.likelihood import (
     PosteriorState,
     _fold_top_k,
@@ -19,6 +20,16 @@ from spinifel.orientation.likelihood import (
 )
 
 EPS32 = float(np.finfo(np.float32).eps)
+
+
+@pytest.fixture(autouse=True, params=["compiled", "numpy"])
+def posterior_path(request, monkeypatch):
+    """Every test here runs on both implementations of the streaming posterior: the numba
+    passes (the CPU default) and the numpy passes (the array-module path cupy takes)."""
+    if request.param == "compiled":
+        pytest.importorskip("numba")
+    monkeypatch.setattr(likelihood, "USE_COMPILED", request.param == "compiled")
+    return request.param
 
 
 def _batches(slices, batch):

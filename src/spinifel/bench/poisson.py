@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from spinifel.merging.probabilistic import accumulate_posterior_normal_equations
+from spinifel.orientation import likelihood
 from spinifel.orientation.likelihood import Posterior, log_slices, score_orientations
 
 
@@ -64,8 +65,10 @@ def likelihood_bench(counts: np.ndarray, batches: list, kept: int = 64,
     -------
     dict
         ``seconds`` (ours: log-slices, GEMM, fluence term and streaming posterior, the best
-        of 2), ``limit_seconds`` (the GEMMs ``K @ log(W)^T`` alone, the best of 2), rates in
-        GFLOP/s of the GEMM's flops, ``kept``, ``beta``.
+        of 2 after a first call that compiles), ``limit_seconds`` (the GEMMs
+        ``K @ log(W)^T`` alone, the best of 2), rates in GFLOP/s of the GEMM's flops,
+        ``kept``, ``beta``, ``compiled_passes`` (whether ``seconds`` used the numba passes)
+        and ``numpy_passes_seconds`` (the same with the numpy passes, best of 2).
     """
     n_orient = sum(b.shape[0] for _, b in batches)
 
@@ -74,11 +77,20 @@ def likelihood_bench(counts: np.ndarray, batches: list, kept: int = 64,
                            posterior_mass=0.999, fit_scale=True, n_orientations=n_orient)
 
     logs = [log_slices(b.astype(counts.dtype))[0] for _, b in batches]
+    compiled = likelihood.compiled_kernels() is not None
+    ours()  # compiles the numba passes on first use (cached on disk afterwards)
     t_ours = min(_clock(ours) for _ in range(2))
     t_lim = min(_clock(lambda: [counts @ lw.T for lw in logs]) for _ in range(2))
+    saved = likelihood.USE_COMPILED
+    try:  # the same score with the numpy passes (the path cupy arrays take)
+        likelihood.USE_COMPILED = False
+        t_np = min(_clock(ours) for _ in range(2))
+    finally:
+        likelihood.USE_COMPILED = saved
     flops = 2.0 * counts.shape[0] * n_orient * counts.shape[1]
     return {"seconds": t_ours, "limit_seconds": t_lim, "rate": flops / t_ours / 1e9,
-            "unit": "GFLOP/s", "limit_rate": flops / t_lim / 1e9, "kept": kept, "beta": beta}
+            "unit": "GFLOP/s", "limit_rate": flops / t_lim / 1e9, "kept": kept, "beta": beta,
+            "compiled_passes": compiled, "numpy_passes_seconds": t_np}
 
 
 def likelihood_cases(counts: np.ndarray, batches: list,

@@ -55,11 +55,16 @@ are matched).
   as signal, and with it the flat residual is exactly 0 whatever ``b``. ``b < 0`` is
   clamped to 0 and ``a`` refitted without it. Unbiased given the true ``<W>``, but subject
   to the feedback above.
-* ``radial`` (``b_p = b_s`` per ``|s|`` shell): ``<W>`` is constant on a shell, so ``a``
-  and ``b_s`` cannot be separated shell by shell; ``a`` comes from the model's flat fit,
-  then ``b_s = max(0, mean_{p in s}(mean_k K_kp - a <W>_p))``. A background that is
-  strongly radial biases that ``a`` (and hence all ``b_s``) by its non-flat part, and the
-  feedback above applies shell by shell; ``flat`` is the defensible default.
+* ``radial`` (``b_p = b_s`` per ``|s|`` shell), from the data alone
+  (:func:`radial_background_from_data`): the same fit with ``b_s`` a quadratic in the
+  shell radius instead of a constant. A free ``b_s`` per shell is not identifiable from
+  the shell moments (``S`` means against ``S`` offsets plus ``kappa``); a low-degree
+  polynomial is, since the signal's profile is steep and oscillates. It takes more
+  fluence spread than ``flat`` for the same error (three parameters instead of one).
+* ``radial`` without the data's estimate (fallback): ``<W>`` is constant on a shell, so
+  ``a`` and ``b_s`` cannot be separated shell by shell; ``a`` comes from the model's flat
+  fit, then ``b_s = max(0, mean_{p in s}(mean_k K_kp - a <W>_p))``, with the feedback above
+  shell by shell.
 
 Score. ``log(phi_k W + b)`` is not a GEMM of images with per-slice values. With a
 reference fluence ``phi_ref`` (the fitted ``a``)::
@@ -176,19 +181,42 @@ def _rank_one_off_diagonal(cov: np.ndarray, gap: int, iterations: int = 200) -> 
     return load
 
 
-def _fluence_factor_fit(moments: np.ndarray, pixels: np.ndarray, gap: int) -> float:
-    """The unclamped ``b`` of :func:`flat_background_from_data` from summed moments (S + 2, S)."""
+def _fluence_factor_fit(moments: np.ndarray, pixels: np.ndarray, gap: int,
+                        degree: int = 0) -> np.ndarray:
+    """The unclamped background per shell (S,) from summed moments (S + 2, S): weighted
+    least squares of the per-pixel shell means on the signal profile and a polynomial of
+    ``degree`` in the shell radius (0: :func:`flat_background_from_data`; 2:
+    :func:`radial_background_from_data`). Shells without pixels get 0."""
     n = max(moments[-1, 0], 2.0)
     mean = moments[0] / n
     cov = (moments[1:-1] / n - np.outer(mean, mean)) * (n / (n - 1))
     keep = pixels > 0
     mean, cov, npix = mean[keep], cov[np.ix_(keep, keep)], pixels[keep].astype(np.float64)
     load = _rank_one_off_diagonal(cov, gap)
-    m, nu = mean / npix, load / npix  # per pixel: m_s = kappa nu_s + b
+    m, nu = mean / npix, load / npix  # per pixel: m_s = kappa nu_s + b_s
+    radius = (np.arange(len(pixels)) + 0.5) / len(pixels)  # shell radius / outer radius
+    powers = np.stack([radius[keep] ** d for d in range(degree + 1)], axis=1)
     weight = npix ** 2 * n / np.maximum(np.diag(cov), 1e-300)  # 1 / var(m_s)
-    design = np.stack([nu, np.ones_like(nu)], axis=1) * np.sqrt(weight)[:, None]
-    (_, b), *_ = np.linalg.lstsq(design, m * np.sqrt(weight), rcond=None)
-    return float(b)
+    design = np.concatenate([nu[:, None], powers], axis=1) * np.sqrt(weight)[:, None]
+    coef, *_ = np.linalg.lstsq(design, m * np.sqrt(weight), rcond=None)
+    out = np.zeros(len(pixels))
+    out[keep] = powers @ coef[1:]
+    return out
+
+
+def _jackknife(moments: np.ndarray, pixels: np.ndarray, gap: int,
+               degree: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_fluence_factor_fit` on all images and its jackknife standard error over the
+    groups of :func:`shell_moments` (per shell)."""
+    total = moments.sum(axis=0)
+    b = _fluence_factor_fit(total, pixels, gap, degree)
+    groups = [g for g in range(len(moments)) if moments[g, -1, 0] > 0]
+    loo = np.array([_fluence_factor_fit(total - moments[g], pixels, gap, degree)
+                    for g in groups])
+    k = len(loo)
+    if k < 2:
+        return b, np.full_like(b, np.inf)
+    return b, np.sqrt((k - 1) / k * np.sum((loo - loo.mean(axis=0)) ** 2, axis=0))
 
 
 def flat_background_from_data(moments: np.ndarray, pixels: np.ndarray,
@@ -216,18 +244,34 @@ def flat_background_from_data(moments: np.ndarray, pixels: np.ndarray,
         data (the error is then of the order of the counts themselves).
     """
     pixels = np.asarray(pixels)
-    total = moments.sum(axis=0)
-    b = _fluence_factor_fit(total, pixels, gap)
-    groups = [g for g in range(len(moments)) if moments[g, -1, 0] > 0]
-    loo = np.array([_fluence_factor_fit(total - moments[g], pixels, gap) for g in groups])
-    k = len(loo)
-    error = float(np.sqrt((k - 1) / k * np.sum((loo - loo.mean()) ** 2))) if k > 1 else np.inf
-    return max(b, 0.0), error
+    b, err = _jackknife(moments, pixels, gap, 0)
+    s = int(np.argmax(pixels > 0))
+    return max(float(b[s]), 0.0), float(err[s])
+
+
+def radial_background_from_data(moments: np.ndarray, pixels: np.ndarray, gap: int = 2,
+                                degree: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Radial background from the data alone: as :func:`flat_background_from_data` with
+    ``b_s`` a polynomial of ``degree`` in the shell radius instead of a constant.
+
+    A free ``b_s`` per shell is not identifiable from these moments (``S`` shell means
+    against ``S`` offsets and the one factor ``kappa``); a low-degree polynomial is, since
+    the signal's profile (steep, with speckle oscillations) is not one.
+
+    Returns
+    -------
+    b : ndarray (S,) float64
+        Photons per pixel in each shell, ``>= 0`` (0 in shells without pixels).
+    error : ndarray (S,) float64
+        Jackknife standard error per shell.
+    """
+    b, err = _jackknife(moments, np.asarray(pixels), gap, degree)
+    return np.maximum(b, 0.0), err
 
 
 def estimate_background(mean_image: Any, mean_slice: Any, mode: str,
                         shells: np.ndarray | None = None,
-                        flat: float | None = None) -> tuple[np.ndarray, float]:
+                        from_data: Any = None) -> tuple[np.ndarray, float]:
     """Background per good pixel and the mean fluence, from the mean image and the model.
 
     Parameters
@@ -242,12 +286,14 @@ def estimate_background(mean_image: Any, mean_slice: Any, mode: str,
         See the module doc.
     shells : ndarray (P,) int or None
         Shell of each pixel (:func:`shell_index`); required for ``radial``.
-    flat : float or None
-        ``flat`` only: the background from the data (:func:`flat_background_from_data`);
-        then only ``a``: the signal photons over the model's, ``sum(mean_image - flat) /
-        sum(mean_slice)`` (as the score's fluences, photons over slice sums). None: ``a`` and
-        ``b`` both from the model fit (not identifiable against the model's own flat part
-        once the merge has subtracted a background; module doc).
+    from_data : float, array (P,) or None
+        ``flat`` and ``radial``: the background from the data
+        (:func:`flat_background_from_data`: a float; :func:`radial_background_from_data`:
+        per pixel); then only ``a`` comes from the model: the signal photons over the
+        model's, ``sum(mean_image - b) / sum(mean_slice)`` (as the score's fluences, photons
+        over slice sums). None: ``a`` and ``b`` both from the model fit (not identifiable
+        against the model's own flat part once the merge has subtracted a background;
+        module doc).
 
     Returns
     -------
@@ -263,8 +309,10 @@ def estimate_background(mean_image: Any, mean_slice: Any, mode: str,
         raise ValueError(f"background mode must be one of {BACKGROUND_MODES}, got {mode!r}")
     if mode == "none":
         return np.zeros_like(m), float(m @ w / max(w @ w, 1e-300))
-    if mode == "flat" and flat is not None:
-        return np.full_like(m, flat), float(np.sum(m - flat) / max(np.sum(w), 1e-300))
+    if from_data is not None:
+        b = np.broadcast_to(np.asarray(to_module(from_data, np), dtype=np.float64),
+                            m.shape).copy()
+        return b, float(np.sum(m - b) / max(np.sum(w), 1e-300))
     a, b = _flat_fit(m, w)
     if mode == "flat":
         return np.full_like(m, b), a

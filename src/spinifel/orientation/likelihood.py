@@ -39,7 +39,9 @@ the same total weight, as a hard assignment does); the mass dropped (beyond the 
 beyond the top ``max_kept``) is recorded. Hard assignment is ``max_kept = 1``: the argmax of
 ``L`` (ties to the lower orientation index) with weight 1.
 
-Everything follows the array module of the images (numpy, or cupy on a GPU).
+Everything follows the array module of the images (numpy, or cupy on a GPU). On the CPU the
+streaming passes run compiled (:mod:`spinifel.orientation.posterior_kernels`, numba) when
+numba imports; the numpy passes are the reference they are tested against.
 """
 
 from __future__ import annotations
@@ -60,6 +62,27 @@ DEFAULT_FLOOR_REL = 1e-3
 # Rows per block of the streaming posterior's passes: blocks of about this many float64
 # entries (128 KiB) keep its buffers in the L2 cache of the CPUs measured here.
 _BLOCK_ELEMENTS = 16384
+
+# The CPU folds run compiled (numba) when it imports; the tests compare both paths.
+USE_COMPILED = True
+_KERNELS: Any = None
+
+
+def compiled_kernels() -> Any:
+    """The numba passes of :class:`PosteriorState` (module
+    :mod:`spinifel.orientation.posterior_kernels`), or None where numba cannot be imported
+    or ``USE_COMPILED`` is False (then the numpy passes run; cupy arrays always take them)."""
+    global _KERNELS
+    if not USE_COMPILED:
+        return None
+    if _KERNELS is None:
+        try:
+            from spinifel.orientation import posterior_kernels
+        except ImportError:  # numba missing on this platform: the numpy passes
+            _KERNELS = False
+        else:
+            _KERNELS = posterior_kernels
+    return _KERNELS or None
 
 
 def log_slices(slices: Any, floor_rel: float = DEFAULT_FLOOR_REL) -> tuple[Any, Any]:
@@ -458,12 +481,24 @@ class PosteriorState:
         xp = get_array_module(scores)
         n, b = scores.shape
         start = rows.start or 0
+        s_sums = xp.asarray(slice_sums, dtype=np.float64)
+        kern = compiled_kernels() if xp is np else None
+        if kern is not None and n > 0 and b > 0:
+            a, c = outer if outer is not None else (np.zeros(n), np.zeros(b))
+            kern.fold_rows(np.ascontiguousarray(scores), np.ascontiguousarray(a, np.float64),
+                           np.ascontiguousarray(c, np.float64), s_sums, self.beta, int(offset),
+                           float(self.log_never_kept), self.max_kept, start, self.run_max,
+                           self.run_sum, self.run_t, self.run_s, self.top_scores,
+                           self.top_index, self.fill, self.bar)
+            if count:
+                self.n_seen += b
+                self.slice_sum_total += float(np.sum(s_sums))
+            return
         step = max(1, _BLOCK_ELEMENTS // max(b, 1)) if xp is np else max(n, 1)
         step = min(step, max(n, 1))
         t_buf = xp.empty((step, b))
         e_buf = xp.empty((step, b))
         l_buf = xp.empty((step, b)) if outer is not None or scores.dtype != np.float64 else None
-        s_sums = xp.asarray(slice_sums, dtype=np.float64)
         for r0 in range(0, n, step):
             r1 = min(r0 + step, n)
             if l_buf is None:
@@ -519,7 +554,12 @@ class PosteriorState:
         scale scoring; needs ``n_photons``).
         """
         xp = get_array_module(self.top_scores)
-        if self.top_scores.shape[1] > 1:
+        kern = compiled_kernels() if xp is np else None
+        if self.top_scores.shape[1] > 1 and kern is not None:
+            kern.thin_to_k(self.top_scores, self.top_index, self.fill, self.max_kept)
+            self.top_scores, self.top_index = _sort_desc(self.top_scores[:, :self.max_kept],
+                                                         self.top_index[:, :self.max_kept])
+        elif self.top_scores.shape[1] > 1:
             self.top_scores, self.top_index = _sort_desc(*_largest(
                 self.top_scores, self.top_index, self.max_kept))
         log_z = self.run_max + xp.log(self.run_sum)

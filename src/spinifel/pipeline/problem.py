@@ -37,10 +37,10 @@ from spinifel.parallel.context import ParallelContext, collective
 
 log = logging.getLogger("spinifel")
 
-#: The flat background is taken from the data (:meth:`Problem._flat_background`) when its
-#: error is below this fraction of the dimmest shell's mean count. The error grows as the
-#: fluence spread shrinks; without a spread the data cannot tell a flat background from a
-#: flat part of the signal.
+#: The flat or radial background is taken from the data (:meth:`Problem._data_background`)
+#: when its error is below this fraction of the dimmest shell's mean count (radial: each
+#: shell's error below this fraction of that shell's mean count). The error grows as the fluence spread shrinks; without a
+#: spread the data cannot tell a background from a flat part of the signal.
 MAX_FLAT_BACKGROUND_ERROR = 0.1
 
 
@@ -97,8 +97,9 @@ class Problem:
     (:func:`~spinifel.orientation.likelihood.photon_counts`), ``mean_image`` (P,) float64
     the mean over ALL images (every rank; background estimate, None unless
     ``algorithm.background`` is set) and ``shells`` (P,) int64 the background shell of each
-    good pixel, and with ``algorithm.background = "flat"`` ``flat_background`` (float or
-    None) the background from the data alone (:meth:`_flat_background`). With
+    good pixel, and with ``algorithm.background = "flat"`` or ``"radial"``
+    ``data_background`` (a float for flat, an (n_shells,) float64 array for radial, or None)
+    the background from the data alone (:meth:`_data_background`). With
     ``algorithm.M = 0``, :meth:`load` replaces ``cfg`` by one with the chosen ``M``
     (:meth:`choose_box`).
     """
@@ -129,7 +130,7 @@ class Problem:
     s_all: np.ndarray | None = None
     mean_image: np.ndarray | None = None
     shells: np.ndarray | None = None
-    flat_background: float | None = None
+    data_background: Any = None
     polar_sizes: tuple[int, int] | None = None
 
     # ---------------------------------------------------------------- construction
@@ -229,8 +230,7 @@ class Problem:
             total = np.ascontiguousarray(images.sum(axis=0, dtype=np.float64))
             self.mean_image = allreduce_sum(comm, total) / max(self.n_images, 1)
             self.shells = shell_index(self.positions, a.background_shells)
-            if a.background == "flat":
-                self.flat_background = self._flat_background(images)
+            self.data_background = self._data_background(images)
         if cfg.evaluation.enabled and self.ctx.rank == 0 and self.info.has_ground_truth:
             from spinifel.evaluate.report import load_ground_truth
 
@@ -261,29 +261,45 @@ class Problem:
         self.cfg = dataclasses.replace(self.cfg, algorithm=dataclasses.replace(a, score=score))
         return score
 
-    def _flat_background(self, images: np.ndarray) -> float | None:
-        """``algorithm.background = "flat"``: the background from the data alone
-        (:func:`~spinifel.orientation.background.flat_background_from_data`, collective).
-        None, with a warning, when its error exceeds :data:`MAX_FLAT_BACKGROUND_ERROR` of the
-        dimmest shell's mean count (too little fluence spread): the estimate then falls back
-        to the model fit."""
-        from spinifel.orientation.background import flat_background_from_data, shell_moments
+    def _data_background(self, images: np.ndarray) -> Any:
+        """``algorithm.background = "flat"`` or ``"radial"``: the background from the data
+        alone (:func:`~spinifel.orientation.background.flat_background_from_data`, a float,
+        or :func:`~spinifel.orientation.background.radial_background_from_data`, per shell;
+        collective). None, with a warning, when its error exceeds
+        :data:`MAX_FLAT_BACKGROUND_ERROR` of the dimmest shell's mean count (radial: of each
+        shell's; too little fluence spread): the estimate then falls back to the model
+        fit."""
+        from spinifel.orientation.background import (
+            flat_background_from_data,
+            radial_background_from_data,
+            shell_moments,
+        )
 
-        n_shells = self.cfg.algorithm.background_shells
+        mode, n_shells = self.cfg.algorithm.background, self.cfg.algorithm.background_shells
         moments = allreduce_sum(self.ctx.comm, shell_moments(
             images, self.shells, n_shells, np.arange(self.start, self.stop)))
         pixels = np.bincount(self.shells, minlength=n_shells)
-        b, error = flat_background_from_data(moments, pixels)
-        dimmest = float(np.min(moments[:, 0].sum(axis=0)[pixels > 0] / pixels[pixels > 0])
-                        / max(self.n_images, 1))
+        has = pixels > 0
+        mean_count = moments[:, 0].sum(axis=0)[has] / pixels[has] / max(self.n_images, 1)
+        if mode == "flat":
+            b, error = flat_background_from_data(moments, pixels)
+            text = f"{b:.4g} +- {error:.2g}"
+            ok = error <= MAX_FLAT_BACKGROUND_ERROR * float(np.min(mean_count))
+        else:  # per shell: its error against its own mean count
+            b, errors = radial_background_from_data(moments, pixels)
+            error = float(np.max(errors[has] / mean_count))
+            text = (f"{float(np.min(b[has])):.4g} .. {float(np.max(b)):.4g} over the shells, "
+                    f"error up to {error:.2g} of a shell's mean count")
+            ok = error <= MAX_FLAT_BACKGROUND_ERROR
+            error = float(np.max(errors[has]))
         if self.ctx.rank == 0:
-            log.info("flat background from the data: %.4g +- %.2g photons/pixel", b, error)
-        if not error <= MAX_FLAT_BACKGROUND_ERROR * dimmest:
+            log.info("%s background from the data: %s photons/pixel", mode, text)
+        if not ok:
             if self.ctx.rank == 0:
-                log.warning("the flat background from the data (error %.2g photons/pixel) is "
+                log.warning("the %s background from the data (error %.2g photons/pixel) is "
                             "not determined: the fluence hardly varies between the images; it "
                             "is fitted against the model instead (biased by the model's own "
-                            "flat part)", error)
+                            "flat part)", mode, error)
             return None
         return b
 

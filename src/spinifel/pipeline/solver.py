@@ -439,8 +439,9 @@ class MTIPSolver:
 
     def estimate_background(self, post: Any, sel: np.ndarray) -> tuple[np.ndarray, float] | None:
         """Background per good pixel from the mean image and the model's orientation average
-        (``post.mean_slice``, at the ``sel`` pixels; ``flat``: the data's estimate
-        ``problem.flat_background`` when there is one, only the fluence from the model),
+        (``post.mean_slice``, at the ``sel`` pixels; ``flat`` and ``radial``: the data's
+        estimate ``problem.data_background`` when there is one, only the fluence from the
+        model),
         extended to every good pixel by shell;
         None when ``algorithm.background = "none"``. Identical on every rank."""
         from spinifel.orientation.background import estimate_background
@@ -448,8 +449,11 @@ class MTIPSolver:
         p, a = self.problem, self.cfg.algorithm
         if a.background == "none" or post.mean_slice is None:
             return None
+        data = p.data_background
+        if data is not None and np.ndim(data) == 1:  # radial: per shell -> per pixel
+            data = np.asarray(data)[p.shells[sel]]
         b_sel, phi_ref = estimate_background(p.mean_image[sel], post.mean_slice, a.background,
-                                             p.shells[sel], flat=p.flat_background)
+                                             p.shells[sel], from_data=data)
         return extend_background(b_sel, p.shells[sel], p.shells), phi_ref
 
     def warn_edge(self, kind: str, volume: np.ndarray, support: np.ndarray | None = None
