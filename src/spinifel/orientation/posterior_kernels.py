@@ -325,3 +325,86 @@ def thin_to_k(top_s: np.ndarray, top_i: np.ndarray, fill: np.ndarray, k: int) ->
                 top_s[r, k:f] = -np.inf
                 top_i[r, k:f] = -1
             fill[r] = k
+
+
+@njit(cache=True, nogil=True)
+def sparsify(top_s: np.ndarray, top_i: np.ndarray, log_z: np.ndarray, beta: float,
+             mass: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:meth:`PosteriorState.finalize`'s selection on sorted rows (n, k): per row the
+    smallest prefix whose probabilities ``exp(beta s - log_z)`` reach ``mass`` (at least
+    one, at most the finite entries), renormalised.
+
+    Returns ``indices`` (-1 beyond the prefix), ``weights`` (0 beyond), ``n_kept`` and the
+    kept mass before renormalisation.
+    """
+    n, k = top_s.shape
+    idx = np.full((n, k), -1, dtype=np.int64)
+    w = np.zeros((n, k))
+    n_kept = np.zeros(n, dtype=np.int64)
+    total = np.zeros(n)
+    for r in range(n):
+        cum = 0.0
+        m = 0
+        for q in range(k):
+            s = top_s[r, q]
+            if s == -np.inf or (q > 0 and cum >= mass):
+                break
+            p = math.exp(beta * s - log_z[r])
+            w[r, q] = p
+            idx[r, q] = top_i[r, q]
+            cum += p
+            m += 1
+        n_kept[r] = m
+        total[r] = cum
+        for q in range(m):
+            w[r, q] /= cum
+    return idx, w, n_kept, total
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST)
+def clip_rows(slices: np.ndarray, floor_rel: float, out: np.ndarray) -> np.ndarray:
+    """``out = max(slices, floor_rel * mean)`` per row (the mean over the row, float64;
+    ``floor_rel`` absolute for a row whose mean is not positive); returns the clipped rows'
+    sums (float64). :func:`spinifel.orientation.likelihood.log_slices` then takes the log
+    of ``out`` in place."""
+    b, p = slices.shape
+    sums = np.empty(b)
+    for j in range(b):
+        acc = 0.0
+        for q in range(p):
+            acc += slices[j, q]
+        mean = acc / p
+        floor = floor_rel * (mean if mean > 0 else 1.0)
+        f = out.dtype.type(floor)
+        acc = 0.0
+        for q in range(p):
+            x = max(slices[j, q], f)
+            out[j, q] = x
+            acc += x
+        sums[j] = acc
+    return sums
+
+
+@njit(cache=True, nogil=True)
+def order_rows_desc(top_s: np.ndarray, top_i: np.ndarray, ascending: np.ndarray) -> None:
+    """Reorder the first ``k`` columns of every row in place into (score desc, index asc)
+    order, given ``ascending`` (n, k): an argsort of those scores in ascending order
+    (numpy's sort is the fast one). Runs of equal scores are put in index order."""
+    n, k = ascending.shape
+    s = np.empty(k)
+    i = np.empty(k, dtype=np.int64)
+    for r in range(n):
+        for q in range(k):
+            o = ascending[r, k - 1 - q]
+            s[q] = top_s[r, o]
+            i[q] = top_i[r, o]
+        q = 0
+        while q < k:  # runs of equal finite scores: ascending index
+            e = q + 1
+            while e < k and s[e] == s[q]:
+                e += 1
+            if e - q > 1 and s[q] > -np.inf:
+                i[q:e] = np.sort(i[q:e])
+            q = e
+        top_s[r, :k] = s
+        top_i[r, :k] = i

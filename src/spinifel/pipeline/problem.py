@@ -507,8 +507,8 @@ def _memory_estimate(cfg: Config, n_local: int, n_pixels: int,
             a.n_orientations, a.coarse_max_fine_slices)
         slices += held * n_pixels * item
     if a.score in ("poisson", "auto"):  # auto: the larger, before the data decide
-        # the streaming posterior's top-k buffer (2k scores and indices per image) and the
-        # k sorted at the end (not fitted to a measurement: the Euclidean runs were)
+        # the streaming posterior's top-k buffer (3k scores and indices per image) and the
+        # k selected at the end (not fitted to a measurement: the Euclidean runs were)
         k = max(a.orientations_per_image, 1)
-        images += n_local * (2 * k + k) * 16
+        images += n_local * (3 * k + k) * 16
     return int(RUNTIME_BASE_BYTES + images + slices + gemm + merge_pts + grids)
