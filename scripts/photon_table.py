@@ -109,7 +109,8 @@ SUMMARY_ROWS = [("500", "p500_n5000_refine_example", "p500_n5000_hard_euclidean_
                 ("5,000", "p5000_n5000_refine_example", "p5000_n5000_hard_euclidean_defaults"),
                 ("10,000", "p10000_n5000_refine_example", "p10000_n5000_euclidean_defaults"),
                 ("2,000 + jitter 0.5, background 0.05, 4-row gap",
-                 "p2000_jitter_bg_gap_n5000_refine_example_bgfix", None),
+                 "p2000_jitter_bg_gap_n5000_refine_example_bgfix",
+                 "p2000_jitter_bg_gap_n5000_hard_euclidean_defaults"),
                 ("the same, background fitted against the model (before the fix)",
                  "p2000_jitter_bg_gap_n5000_refine_example", None)]
 

@@ -46,7 +46,8 @@ def test_photon_summary_rows_say_not_run_and_not_reached(tmp_path):
     row = lines["`p10000_n5000_euclidean_defaults`"]
     assert "| 0.881 | 7.0 A | not reached (better than 6.5 A) | 2.2 | 5.0 | 2 | def5678 | - |" in row
     assert "| not run |" in lines["`p500_n5000_refine_example`"]
-    assert len(lines) == 12  # five photon counts x two engines, and the two jitter rows
+    assert len(lines) == 13  # six rows x two engines (five photon counts, the jitter row), and
+    # the jitter row before the background fix
 
 
 def test_lambda_table_sorted_by_lambda_with_choices(tmp_path):
