@@ -29,13 +29,15 @@ def table(path: Path) -> str:
            f"{a['images_per_rank']} --pixels {a['pixels']} --M {a['M']} --orientations "
            f"{a['orientations']}")
     load = ", ".join(f"{x:.1f}" for x in d.get("load_average", []))
+    reps = next((v.get("repeats", 2) for k, v in ranks[0].items()
+                 if k.startswith("likelihood")), 2)
     out = [f"`{cmd}` (commit {d.get('commit', '?')}; {a['photons']:g} photons per image; "
            f"BLAS {', '.join(d.get('blas', []))}; load average at the end {load} on 2 cores; "
            f"`{path.as_posix()}`). Per rank: ours = log-slices, GEMM, fluence term and "
-           "streaming posterior (best of 2); limit = the bare float32 GEMMs `K @ log(W)^T` "
-           "(best of 2); fraction = limit / ours. numpy passes = ours with the streaming "
-           "posterior's numpy passes instead of the compiled ones (the path cupy arrays take; "
-           "best of 2, same run).", "",
+           f"streaming posterior (best of {reps}); limit = the bare float32 GEMMs "
+           f"`K @ log(W)^T` (best of {reps}); fraction = limit / ours. numpy passes = ours "
+           "with the streaming posterior's numpy passes instead of the compiled ones (the path "
+           f"cupy arrays take; best of {reps}, same run).", "",
            "| case | kept per image | beta | " + " | ".join(
                f"rank {r} s (limit s, fraction) | rank {r} numpy passes s"
                for r in range(len(ranks))) + " |",

@@ -107,6 +107,9 @@ def test_posterior_matches_dense_softmax(rng):
     assert np.allclose(post.mutual_information(), np.log(J) - H, atol=tol)
     assert np.allclose(post.log_likelihood, L.max(1), rtol=1e-5)
     assert post.n_orientations == J and post.mean_slice_sum == pytest.approx(S.mean())
+    # the orientation average of the (unclipped) slices, accumulated in the clip's pass
+    assert np.allclose(post.mean_slice, slices.astype(np.float64).mean(axis=0),
+                       rtol=8 * J * EPS32)
     assert np.allclose(update_fluence(images.sum(1, dtype=np.float64), post.expected_slice_sum),
                        images.sum(1) / ES, rtol=tol)
 

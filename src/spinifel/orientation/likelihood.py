@@ -85,7 +85,8 @@ def compiled_kernels() -> Any:
     return _KERNELS or None
 
 
-def log_slices(slices: Any, floor_rel: float = DEFAULT_FLOOR_REL) -> tuple[Any, Any]:
+def log_slices(slices: Any, floor_rel: float = DEFAULT_FLOOR_REL,
+               column_sums: Any = None) -> tuple[Any, Any]:
     """Log of model slices clipped at a floor relative to each slice's mean, and their sums.
 
     Parameters
@@ -95,6 +96,8 @@ def log_slices(slices: Any, floor_rel: float = DEFAULT_FLOOR_REL) -> tuple[Any, 
     floor_rel : float
         Floor as a fraction of the slice's mean over its pixels, ``> 0``. A slice whose
         mean is not positive is floored at ``floor_rel`` absolute (an empty model).
+    column_sums : array (P,) float64 or None
+        When given, the (unclipped) slices are added to it in place, in the same pass.
 
     Returns
     -------
@@ -107,8 +110,11 @@ def log_slices(slices: Any, floor_rel: float = DEFAULT_FLOOR_REL) -> tuple[Any, 
     kern = compiled_kernels() if xp is np else None
     if kern is not None and slices.ndim == 2 and slices.dtype in (np.float32, np.float64):
         w = np.empty_like(slices, order="C")
-        sums = kern.clip_rows(np.ascontiguousarray(slices), float(floor_rel), w)
+        cols = np.empty(0) if column_sums is None else column_sums
+        sums = kern.clip_rows(np.ascontiguousarray(slices), float(floor_rel), w, cols)
         return np.log(w, out=w), sums
+    if column_sums is not None:
+        column_sums += xp.sum(slices, axis=0, dtype=np.float64)
     mean = xp.mean(slices, axis=1, dtype=np.float64)
     floor = floor_rel * xp.where(mean > 0, mean, 1.0)
     w = xp.maximum(slices, floor[:, None].astype(slices.dtype))
@@ -655,10 +661,11 @@ def score_orientations(images: Any, slice_batches: Iterable[tuple[int, Any]], *,
     bg = None if background_per_fluence is None else xp.asarray(background_per_fluence)
     for offset, slices in slice_batches:
         w = xp.asarray(slices, dtype=images.dtype)
-        slice_total += xp.sum(w, axis=0, dtype=np.float64)
         if bg is not None:
-            w = (w + bg[None, :]).astype(images.dtype)
-        log_w, sums = log_slices(w, floor_rel)
+            slice_total += xp.sum(w, axis=0, dtype=np.float64)
+            log_w, sums = log_slices((w + bg[None, :]).astype(images.dtype), floor_rel)
+        else:  # the orientation average's sums in the same pass as the clip
+            log_w, sums = log_slices(w, floor_rel, slice_total)
         for a in range(0, n, image_batch):
             b = min(a + image_batch, n)
             # poisson_scores(images[a:b], ...), its fluence term applied block by block

@@ -362,17 +362,23 @@ def sparsify(top_s: np.ndarray, top_i: np.ndarray, log_z: np.ndarray, beta: floa
 
 
 @njit(cache=True, nogil=True, fastmath=_FAST)
-def clip_rows(slices: np.ndarray, floor_rel: float, out: np.ndarray) -> np.ndarray:
+def clip_rows(slices: np.ndarray, floor_rel: float, out: np.ndarray,
+              column_sums: np.ndarray) -> np.ndarray:
     """``out = max(slices, floor_rel * mean)`` per row (the mean over the row, float64;
     ``floor_rel`` absolute for a row whose mean is not positive); returns the clipped rows'
-    sums (float64). :func:`spinifel.orientation.likelihood.log_slices` then takes the log
-    of ``out`` in place."""
+    sums (float64) and adds the unclipped rows to ``column_sums`` (P,) float64 (or nothing
+    when it is empty). :func:`spinifel.orientation.likelihood.log_slices` then takes the
+    log of ``out`` in place."""
     b, p = slices.shape
     sums = np.empty(b)
+    add = column_sums.shape[0] == p
     for j in range(b):
         acc = 0.0
         for q in range(p):
             acc += slices[j, q]
+        if add:
+            for q in range(p):
+                column_sums[q] += slices[j, q]
         mean = acc / p
         floor = floor_rel * (mean if mean > 0 else 1.0)
         f = out.dtype.type(floor)
