@@ -64,23 +64,26 @@ def test_lambda_table_sorted_by_lambda_with_choices(tmp_path):
 
 
 def test_poisson_bench_table_quotes_every_rank(tmp_path):
-    """Catches a likelihood case or a rank left out, or the merge's per-orientation cost
-    printed in the wrong unit."""
+    """Catches a likelihood case or a rank left out, the conservative fraction not taken
+    against the fastest limit of the run, or the merge's per-orientation cost printed in
+    the wrong unit."""
     pb = _module("poisson_bench_table")
     lik = {"seconds": 2.0, "limit_seconds": 1.5, "fraction_of_limit": 0.75, "kept": 512,
            "beta": 0.001, "numpy_passes_seconds": 2.7}
     pm = {"seconds": 3.0, "kept_per_image": 8, "active_orientations": 1500,
           "seconds_per_active_orientation": 0.002, "seconds_per_kept_pair": 3e-4,
           "ratio_to_hard_merge": 1.2}
-    rank = {"likelihood_k512_beta0.001": lik, "merge_nufft": {"seconds": 2.5, "eps": 1e-4},
+    lik64 = dict(lik, limit_seconds=1.2, kept=64, beta=1.0)
+    rank = {"likelihood": lik64, "likelihood_k512_beta0.001": lik,
+            "merge_nufft": {"seconds": 2.5, "eps": 1e-4},
             "probabilistic_merge_k8": pm}
     path = tmp_path / "b.json"
     path.write_text(json.dumps({"args": {"images_per_rank": 2500, "pixels": 64, "M": 51,
                                          "orientations": 5000, "photons": 1000.0},
                                 "commit": "abc1234", "ranks": [rank, rank]}))
     text = pb.table(path)
-    assert ("| `likelihood_k512_beta0.001` | 512 | 0.001 | 2.00 (1.50, 0.75) | 2.70 | "
-            "2.00 (1.50, 0.75) | 2.70 |") in text
+    assert ("| `likelihood_k512_beta0.001` | 512 | 0.001 | 2.00 (1.50, 0.75; 0.60) | 2.70 | "
+            "2.00 (1.50, 0.75; 0.60) | 2.70 |") in text  # conservative: the k64 case's 1.2 s
     assert "| 8 | 1 | 1500 | 3.00 | 2.00 | 300.00 | 1.20 |" in text  # ms and us
     assert "eps 0.0001" in text and "commit abc1234" in text
 

@@ -570,9 +570,10 @@ class PosteriorState:
         kern = compiled_kernels() if xp is np else None
         if self.top_scores.shape[1] > 1 and kern is not None:
             k = self.max_kept
-            kern.thin_to_k(self.top_scores, self.top_index, self.fill, k)
+            kern.thin_rows(self.top_scores, self.top_index, self.fill, k)
+            w = max(int(self.fill.max()), k)
             kern.order_rows_desc(self.top_scores, self.top_index,
-                                 np.argsort(self.top_scores[:, :k], axis=1))
+                                 np.argsort(self.top_scores[:, :w], axis=1), k)
             self.top_scores, self.top_index = self.top_scores[:, :k], self.top_index[:, :k]
         elif self.top_scores.shape[1] > 1:
             self.top_scores, self.top_index = _sort_desc(*_largest(

@@ -311,20 +311,40 @@ def fold_rows(scores: np.ndarray, a: np.ndarray, c: np.ndarray, slice_sums: np.n
 
 
 @njit(cache=True, nogil=True)
-def thin_to_k(top_s: np.ndarray, top_i: np.ndarray, fill: np.ndarray, k: int) -> None:
-    """Per row keep exactly the ``k`` first buffered entries in (score desc, index asc)
-    order (all when fewer), unordered in the first ``k`` columns; ``fill`` updated.
-    :meth:`PosteriorState.finalize` then sorts those ``k`` columns (numpy's sort is the
-    faster one here)."""
+def thin_rows(top_s: np.ndarray, top_i: np.ndarray, fill: np.ndarray, k: int) -> None:
+    """:func:`compact_row` on every row holding more than ``k`` (``fill`` updated): at
+    least the ``k`` first entries of each row stay, in about ``k`` columns, for the final
+    sort (:meth:`PosteriorState.finalize`)."""
     for r in range(top_s.shape[0]):
-        f = fill[r]
-        if f > k:
-            f = compact_row(top_s[r], top_i[r], f, k)[0]  # cheap thinning to about k
-            if f > k:
-                select_first(top_s[r], top_i[r], f, k)
-                top_s[r, k:f] = -np.inf
-                top_i[r, k:f] = -1
-            fill[r] = k
+        if fill[r] > k:
+            fill[r] = compact_row(top_s[r], top_i[r], fill[r], k)[0]
+
+
+@njit(cache=True, nogil=True)
+def order_rows_desc(top_s: np.ndarray, top_i: np.ndarray, ascending: np.ndarray,
+                    k: int) -> None:
+    """Write into the first ``k`` columns of every row its ``k`` first entries in (score
+    desc, index asc) order, in place, given ``ascending`` (n, w), ``w >= k``: an argsort of
+    the row's first ``w`` scores in ascending order (numpy's sort is the fast one). Runs of
+    equal scores are put in index order over all ``w`` before the cut at ``k``."""
+    n, w = ascending.shape
+    s = np.empty(w)
+    i = np.empty(w, dtype=np.int64)
+    for r in range(n):
+        for q in range(w):
+            o = ascending[r, w - 1 - q]
+            s[q] = top_s[r, o]
+            i[q] = top_i[r, o]
+        q = 0
+        while q < k:  # runs of equal finite scores that reach into the first k
+            e = q + 1
+            while e < w and s[e] == s[q]:
+                e += 1
+            if e - q > 1 and s[q] > -np.inf:
+                i[q:e] = np.sort(i[q:e])
+            q = e
+        top_s[r, :k] = s[:k]
+        top_i[r, :k] = i[:k]
 
 
 @njit(cache=True, nogil=True)
@@ -389,28 +409,3 @@ def clip_rows(slices: np.ndarray, floor_rel: float, out: np.ndarray,
             acc += x
         sums[j] = acc
     return sums
-
-
-@njit(cache=True, nogil=True)
-def order_rows_desc(top_s: np.ndarray, top_i: np.ndarray, ascending: np.ndarray) -> None:
-    """Reorder the first ``k`` columns of every row in place into (score desc, index asc)
-    order, given ``ascending`` (n, k): an argsort of those scores in ascending order
-    (numpy's sort is the fast one). Runs of equal scores are put in index order."""
-    n, k = ascending.shape
-    s = np.empty(k)
-    i = np.empty(k, dtype=np.int64)
-    for r in range(n):
-        for q in range(k):
-            o = ascending[r, k - 1 - q]
-            s[q] = top_s[r, o]
-            i[q] = top_i[r, o]
-        q = 0
-        while q < k:  # runs of equal finite scores: ascending index
-            e = q + 1
-            while e < k and s[e] == s[q]:
-                e += 1
-            if e - q > 1 and s[q] > -np.inf:
-                i[q:e] = np.sort(i[q:e])
-            q = e
-        top_s[r, :k] = s
-        top_i[r, :k] = i
