@@ -283,17 +283,17 @@ class Problem:
         mean_count = moments[:, 0].sum(axis=0)[has] / pixels[has] / max(self.n_images, 1)
         if mode == "flat":
             b, error = flat_background_from_data(moments, pixels)
-            text = f"{b:.4g} +- {error:.2g}"
+            text = f"{b:.4g} +- {error:.2g} photons/pixel"
             ok = error <= MAX_FLAT_BACKGROUND_ERROR * float(np.min(mean_count))
         else:  # per shell: its error against its own mean count
             b, errors = radial_background_from_data(moments, pixels)
             error = float(np.max(errors[has] / mean_count))
-            text = (f"{float(np.min(b[has])):.4g} .. {float(np.max(b)):.4g} over the shells, "
-                    f"error up to {error:.2g} of a shell's mean count")
+            text = (f"{float(np.min(b[has])):.4g} .. {float(np.max(b)):.4g} photons/pixel "
+                    f"over the shells, error up to {error:.2g} of a shell's mean count")
             ok = error <= MAX_FLAT_BACKGROUND_ERROR
             error = float(np.max(errors[has]))
         if self.ctx.rank == 0:
-            log.info("%s background from the data: %s photons/pixel", mode, text)
+            log.info("%s background from the data: %s", mode, text)
         if not ok:
             if self.ctx.rank == 0:
                 log.warning("the %s background from the data (error %.2g photons/pixel) is "
