@@ -298,3 +298,6 @@ def test_background_from_the_data_per_mode(tmp_path):
     assert np.all(b[pixels == 0] == 0) and np.any(pixels == 0)
     np.testing.assert_allclose(b[n_shells // 2:], 0.5, rtol=0.25)
     np.testing.assert_allclose(b[3 * n_shells // 4:], 0.5, rtol=0.1)
+    rep = p.background_report  # what metrics.json records
+    assert rep["mode"] == "radial" and rep["used"] and rep["photons_per_pixel"] == list(b)
+    assert len(rep["error"]) == n_shells and rep["shell_pixels"] == list(pixels)

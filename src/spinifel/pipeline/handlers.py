@@ -139,6 +139,8 @@ class MetricsWriter:
                     "n_orientations": a.n_orientations, "grid_spacing_deg": p.grid_spacing_deg,
                     "n_generations": a.generations,
                     "memory": memory_summary(self.estimate_mib, report.entry["peak_rss_mib"])}
+        if p.background_report is not None:  # the background estimated once from the data
+            self.doc["background_from_data"] = p.background_report
         self.write()
 
     def write(self) -> None:

@@ -99,7 +99,8 @@ class Problem:
     ``algorithm.background`` is set) and ``shells`` (P,) int64 the background shell of each
     good pixel, and with ``algorithm.background = "flat"`` or ``"radial"``
     ``data_background`` (a float for flat, an (n_shells,) float64 array for radial, or None)
-    the background from the data alone (:meth:`_data_background`). With
+    the background from the data alone (:meth:`_data_background`; ``background_report`` its
+    estimate, errors and whether it was used, for ``metrics.json``). With
     ``algorithm.M = 0``, :meth:`load` replaces ``cfg`` by one with the chosen ``M``
     (:meth:`choose_box`).
     """
@@ -131,6 +132,7 @@ class Problem:
     mean_image: np.ndarray | None = None
     shells: np.ndarray | None = None
     data_background: Any = None
+    background_report: dict | None = None
     polar_sizes: tuple[int, int] | None = None
 
     # ---------------------------------------------------------------- construction
@@ -294,6 +296,11 @@ class Problem:
             error = float(np.max(errors[has]))
         if self.ctx.rank == 0:
             log.info("%s background from the data: %s", mode, text)
+        self.background_report = {
+            "mode": mode, "used": bool(ok),
+            "photons_per_pixel": b if mode == "flat" else [float(x) for x in b],
+            "error": error if mode == "flat" else [float(x) for x in errors],
+            "shell_pixels": [int(x) for x in pixels]}
         if not ok:
             if self.ctx.rank == 0:
                 log.warning("the %s background from the data (error %.2g photons/pixel) is "
