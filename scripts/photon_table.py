@@ -70,6 +70,12 @@ def row(run: Path) -> str:
     oe = ev.get("orientation_error_deg") or {}
     seconds = sum(sum(v for v in g["timings"].values() if v) for g in gens)
     bg = (last.get("posterior") or {}).get("background_photons_per_pixel")
+    bg_text = "" if bg is None else f" (estimated {bg:.3f} photons/pixel"
+    rep = m.get("background_from_data")
+    if bg is not None and rep and rep.get("used") and isinstance(rep["photons_per_pixel"], list):
+        per_shell = [b for b, n in zip(rep["photons_per_pixel"], rep["shell_pixels"]) if n > 0]
+        bg_text += f" on average; {min(per_shell):.3f}-{max(per_shell):.3f} over the shells"
+    bg_text += "" if bg is None else ")"
 
     def poisson(v):  # settings that only the Poisson score reads
         return v if a.get("score") == "poisson" else "-"
@@ -78,7 +84,7 @@ def row(run: Path) -> str:
             f"{poisson(a.get('orientations_per_image'))} | {a.get('refine_rounds', '')} | "
             f"{','.join(f'{x:g}' for x in a.get('lambdas', []))} | "
             f"{a.get('background', 'none')}"
-            f"{'' if bg is None else f' (estimated {bg:.3f} photons/pixel)'} | "
+            f"{bg_text} | "
             f"{len(gens)}/{m['n_generations']} | "
             f"{_f(ev.get('density_correlation'), '.3f')} | {_res(ev, '0p5')} | "
             f"{_res(ev, '0p143')} | {_f(oe.get('median'), '.1f')} | "

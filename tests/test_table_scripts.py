@@ -103,3 +103,21 @@ def test_time_table_first_crossing_and_cumulative_seconds(tmp_path):
     line = tt.row(d, 0.85)
     assert "| generation 1: 60 s (CC 0.860) | 120 | 0.881 | 2.2 | abc1234 |" in line
     assert "| not reached | 120 |" in tt.row(d, 0.9)
+
+
+def test_photon_row_quotes_the_radial_background_range(tmp_path):
+    """Catches the radial background's range taken over shells without pixels (their 0) or
+    quoted when the estimate was not used (the model fit ran instead)."""
+    pt = _module("photon_table")
+    _run(tmp_path, "r", 0.1, EV)
+    d = tmp_path / "r"
+    m = json.loads((d / "metrics.json").read_text())
+    m["generations"][-1]["posterior"] = {"background_photons_per_pixel": 0.046}
+    m["background_from_data"] = {"mode": "radial", "used": True,
+                                 "photons_per_pixel": [0.0, 0.0497, 0.0441, 0.0519],
+                                 "error": [0.0, 0.01, 0.004, 0.002], "shell_pixels": [0, 5, 9, 12]}
+    (d / "metrics.json").write_text(json.dumps(m))
+    assert "(estimated 0.046 photons/pixel on average; 0.044-0.052 over the shells)" in pt.row(d)
+    m["background_from_data"]["used"] = False
+    (d / "metrics.json").write_text(json.dumps(m))
+    assert "(estimated 0.046 photons/pixel) |" in pt.row(d)
