@@ -121,3 +121,35 @@ def test_photon_row_quotes_the_radial_background_range(tmp_path):
     m["background_from_data"]["used"] = False
     (d / "metrics.json").write_text(json.dumps(m))
     assert "(estimated 0.046 photons/pixel) |" in pt.row(d)
+
+
+def _polar_json(path: Path, seconds: float, within: float | None) -> Path:
+    r = {"directions": 7500, "n_psi": 160, "orientations": 1200000, "grid_step_deg": 2.33,
+         "polar_points": 21920, "pixels": 16384, "annuli": [[53, 160]],
+         "images_all_ranks": 1000, "candidates": 2, "seconds": seconds, "cpu_seconds": seconds,
+         "parts": {"slicing": 1.0, "correlation": 2.0, "rescoring": 0.5},
+         "limit_seconds": 30.0, "fraction_of_limit": 0.8,
+         "limit_parts": {"slicing": 10.0, "gemm": 10.0, "fft": 5.0, "rescoring": 5.0}}
+    if within is not None:
+        r["agreement"] = {"sub_directions": 60, "sub_orientations": 9600, "images": 200,
+                          "photons_per_image": 1e4, "within_one_step": within,
+                          "same_orientation": within, "polar_seconds": 30.0,
+                          "exhaustive_seconds": 300.0}
+    path.write_text(json.dumps({"args": {"images_per_rank": 500, "pixels": 128, "M": 81,
+                                         "orientations": 1200000, "agreement_directions": 60,
+                                         "agreement_images": 200},
+                                "commit": "abc1234", "load_average": [1.0, 1.0, 1.0],
+                                "ranks": [{"polar_search": r}, {"polar_search": r}]}))
+    return path
+
+
+def test_polar_target_line_follows_the_json(tmp_path):
+    """Catches the issue-15 target verdict not following the measured time and agreement
+    (60 s, 99% within one grid step), or an agreement claimed when none was measured."""
+    pt = _module("polar_table")
+    text = "\n".join(pt.bench_block(_polar_json(tmp_path / "paper.json", 44.4, 1.0)))
+    assert "time met (44.4 s wall on the slowest rank), agreement met (100.0%" in text
+    text = "\n".join(pt.bench_block(_polar_json(tmp_path / "paper.json", 61.0, 0.98)))
+    assert "time not met (61.0 s wall" in text and "agreement not met (98.0%" in text
+    text = "\n".join(pt.bench_block(_polar_json(tmp_path / "paper.json", 50.0, None)))
+    assert "agreement not measured in this run" in text
