@@ -2,12 +2,19 @@
 
 :class:`spinifel.orientation.likelihood.PosteriorState` folds every orientation batch's
 scores into per-image running sums and a top-k buffer. In numpy that is a dozen passes over
-each block of scores plus a scatter of the top-k candidates; here it is two passes per image
-row (its maximum, then everything else) over the float32 GEMM output, with the fluence term
-``a_k c_j`` formed on the fly in float64. The results are those of the numpy path (same
-formulas, same float64 arithmetic; sums accumulate in another order, so they agree to
-round-off), and the top-k selection keeps the exact order "descending score, then ascending
-orientation index" also for ties at the k-th place.
+each block of scores plus a scatter of the top-k candidates; here (:func:`fold_rows`) each
+image row is read once from the float32 GEMM output into a float64 row with the fluence
+term ``a_k c_j`` (and its maximum), then one fused pass gives the exponentials (a
+vectorised exp, :func:`exp_into`) and the three running sums, and one more admits the
+top-k candidates. A full buffer is thinned at a threshold estimated from a sample of it
+(:func:`compact_row`). :meth:`PosteriorState.finalize` thins every row the same way, sorts
+the survivors with numpy's argsort and orders ties (:func:`order_rows_desc`), then
+sparsifies (:func:`sparsify`); the slices' log-floor and sums are :func:`clip_rows`.
+
+The results are those of the numpy path: the same formulas in the same float64
+arithmetic, with the sums accumulated in another order, so they agree to round-off. The
+top-k selection keeps the exact order "descending score, then ascending orientation index",
+also for ties at the k-th place.
 
 numba is imported only when this module is (lazily, by the first CPU fold), so importing
 the package stays cheap. The functions are compiled on first use and cached on disk.
