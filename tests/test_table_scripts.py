@@ -153,3 +153,15 @@ def test_polar_target_line_follows_the_json(tmp_path):
     assert "time not met (61.0 s wall" in text and "agreement not met (98.0%" in text
     text = "\n".join(pt.bench_block(_polar_json(tmp_path / "paper.json", 50.0, None)))
     assert "agreement not measured in this run" in text
+
+
+def test_peer_side_by_side_first_generation_at_the_peers_error(tmp_path):
+    """Catches our time to the peer's accuracy taken at the last generation instead of the
+    first at or below the peer's median error, per-generation instead of cumulative
+    seconds, or a time quoted when the accuracy was never reached."""
+    ps = _module("peer_side_by_side")
+    gens = [{"generation": i, "timings": {"a": 10.0},
+             "evaluation": {"orientation_error_deg": {"median": med}}}
+            for i, med in enumerate([120.0, 30.0, 9.0, 5.0])]
+    assert ps.first_at_or_below(gens, 9.5) == (3, 30.0, 9.0)
+    assert ps.first_at_or_below(gens, 1.0) is None
