@@ -4,8 +4,8 @@
 scores into per-image running sums and a top-k buffer. In numpy that is a dozen passes over
 each block of scores plus a scatter of the top-k candidates; here (:func:`fold_rows`) each
 image row is read once from the float32 GEMM output into a float64 row with the fluence
-term ``a_k c_j`` (and its maximum), then one fused pass gives the exponentials (a
-vectorised exp, :func:`exp_into`) and the three running sums, and one more admits the
+term ``a_k c_j`` (and its maximum); loops over that cached row then give the exponentials
+(a vectorised exp, :func:`exp_into`), the three running sums, and the admission of the
 top-k candidates. A full buffer is thinned at a threshold estimated from a sample of it
 (:func:`compact_row`). :meth:`PosteriorState.finalize` thins every row the same way, sorts
 the survivors with numpy's argsort and orders ties (:func:`order_rows_desc`), then
@@ -201,39 +201,19 @@ def exp_into(t: np.ndarray, e: np.ndarray, bits: np.ndarray) -> None:
 @njit(cache=True, nogil=True, fastmath=_FAST)
 def _row_sums(v: np.ndarray, t: np.ndarray, e: np.ndarray, bits: np.ndarray,
               slice_sums: np.ndarray, beta: float, m_new: float) -> tuple[float, float, float]:
-    """``t = beta v - m_new``, ``e = exp(t)`` (as :func:`exp_into`); returns ``sum e``,
-    ``sum e t``, ``sum e S``. Two fused loops: the exponent's parts, then scale and sums."""
+    """``t = beta v - m_new``, ``e = exp(t)`` (:func:`exp_into`); returns ``sum e``,
+    ``sum e t``, ``sum e S``."""
     b = v.shape[0]
     for q in range(b):
-        tq = beta * v[q] - m_new
-        t[q] = tq
-        x = max(tq, _EXP_MIN)
-        kf = math.floor(x * _LOG2E + 0.5)
-        r = (x - kf * _LN2_HI) - kf * _LN2_LO
-        p = 1.0 / 6227020800.0
-        p = p * r + 1.0 / 479001600.0
-        p = p * r + 1.0 / 39916800.0
-        p = p * r + 1.0 / 3628800.0
-        p = p * r + 1.0 / 362880.0
-        p = p * r + 1.0 / 40320.0
-        p = p * r + 1.0 / 5040.0
-        p = p * r + 1.0 / 720.0
-        p = p * r + 1.0 / 120.0
-        p = p * r + 1.0 / 24.0
-        p = p * r + 1.0 / 6.0
-        p = p * r + 0.5
-        p = p * r + 1.0
-        e[q] = p * r + 1.0
-        bits[q] = (np.int64(kf) + 1023) << 52
-    scale = bits[:b].view(np.float64)
+        t[q] = beta * v[q] - m_new
+    exp_into(t, e, bits)
     se = 0.0
     st = 0.0
     ss = 0.0
     for q in range(b):
-        eq = e[q] * scale[q] if t[q] > _EXP_MIN else 0.0
-        se += eq
-        st += eq * t[q]
-        ss += eq * slice_sums[q]
+        se += e[q]
+        st += e[q] * t[q]
+        ss += e[q] * slice_sums[q]
     return se, st, ss
 
 

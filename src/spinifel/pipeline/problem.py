@@ -289,10 +289,10 @@ class Problem:
             ok = error <= MAX_FLAT_BACKGROUND_ERROR * float(np.min(mean_count))
         else:  # per shell: its error against its own mean count
             b, errors = radial_background_from_data(moments, pixels)
-            error = float(np.max(errors[has] / mean_count))
+            relative = float(np.max(errors[has] / mean_count))
             text = (f"{float(np.min(b[has])):.4g} .. {float(np.max(b)):.4g} photons/pixel "
-                    f"over the shells, error up to {error:.2g} of a shell's mean count")
-            ok = error <= MAX_FLAT_BACKGROUND_ERROR
+                    f"over the shells, error up to {relative:.2g} of a shell's mean count")
+            ok = relative <= MAX_FLAT_BACKGROUND_ERROR
             error = float(np.max(errors[has]))
         if self.ctx.rank == 0:
             log.info("%s background from the data: %s", mode, text)
