@@ -427,8 +427,8 @@ class PosteriorState:
     max_kept : int, ``k``
     top_scores : (n, C) float64, ``L`` of candidates for the best ``k`` so far (``-inf`` when
         unfilled). ``C = 1`` for the hard assignment (``k = 1``: the running best); else
-        ``C = 3k`` (a wider buffer is compacted less often: measured 10% faster than 2k
-        at k = 512, beta = 1e-3, where every score is in the race), unordered while
+        ``C = 3k`` (a wider buffer is compacted less often: faster than 2k in the bench at
+        k = 512, beta = 1e-3, where every score is in the race), unordered while
         streaming (:func:`_fold_top_k`: ``fill``, ``bar``);
         :meth:`finalize` keeps the ``k`` largest, sorted.
     top_index : (n, C) int64
